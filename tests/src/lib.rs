@@ -1,0 +1,1 @@
+//! Helpers for Keel integration tests.
