@@ -1,0 +1,1 @@
+//! Keel's freestanding test guest (written by the guest task).

@@ -1,0 +1,1 @@
+//! Driving the nested lab from Rust tests (written by the lab task).
