@@ -1,1 +1,13 @@
-//! Shared API types.
+//! Types shared by keel-vmm, keeld and their clients.
+//!
+//! The VM configuration follows Cloud Hypervisor's `VmConfig` JSON shape so the
+//! same documents can drive either VMM; [`options`] parses the command-line
+//! form (`--cpus boot=2,max=4`) into the same types.
+
+pub mod options;
+pub mod vm_config;
+
+pub use vm_config::{
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig,
+    VmConfig,
+};

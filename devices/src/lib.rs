@@ -1,1 +1,29 @@
-//! Device models.
+//! Device models for keel-vmm.
+//!
+//! Devices know nothing of the VM lifecycle: they see register accesses
+//! through [`BusDevice`], raise interrupts through an [`interrupt::Interrupt`]
+//! and report machine-level requests (power off, reset, panic) through a
+//! [`PlatformEvents`] sink owned by the VMM.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// A machine-level request a device makes on the guest's behalf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformEvent {
+    /// The guest asked to be switched off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042 pulse).
+    Reset,
+    /// The guest's kernel reported a panic (pvpanic).
+    GuestPanic,
+}
+
+/// Receives [`PlatformEvent`]s; the VMM decides what they mean.
+pub trait PlatformEvents: Send + Sync {
+    fn notify(&self, event: PlatformEvent);
+}

@@ -1,0 +1,290 @@
+//! The VM configuration, shaped like Cloud Hypervisor's `VmConfig` so the same
+//! JSON documents (and the same command-line option strings) drive either VMM.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::options::{OptionError, OptionValues};
+
+/// Highest vCPU count: APIC IDs and ACPI processor UIDs are 8-bit in the MADT
+/// entries we emit, and 255 is the broadcast ID.
+pub const MAX_VCPUS: u8 = 254;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{option} {value}: {source}")]
+    Option {
+        option: &'static str,
+        value: String,
+        #[source]
+        source: OptionError,
+    },
+    #[error("--cpus: boot={0} is invalid; at least 1 vCPU is needed")]
+    NoBootVcpus(u64),
+    #[error("--cpus: boot={boot} is larger than max={max}; max must be at least boot")]
+    BootAboveMax { boot: u64, max: u64 },
+    #[error("--cpus: {0} vCPUs requested; at most {MAX_VCPUS} are supported")]
+    TooManyVcpus(u64),
+    #[error("--memory: size=0 is invalid; give a size such as size=512M")]
+    ZeroMemory,
+    #[error("--memory: size={0} bytes is not a multiple of 4 KiB")]
+    UnalignedMemory(u64),
+    #[error("--kernel is required: give the path of a bzImage or an ELF vmlinux")]
+    MissingKernel,
+    #[error("--{option} {value}: expected off, null, tty or file=PATH")]
+    BadConsoleMode { option: &'static str, value: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    pub boot_vcpus: u8,
+    pub max_vcpus: u8,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+        }
+    }
+}
+
+impl CpusConfig {
+    /// Parses `boot=N[,max=M]`.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let wrap = |source| ConfigError::Option {
+            option: "cpus",
+            value: value.to_string(),
+            source,
+        };
+        let values = OptionValues::parse(value, &["boot", "max"]).map_err(wrap)?;
+        let boot = values.get_u64("boot").map_err(wrap)?.unwrap_or(1);
+        let max = values.get_u64("max").map_err(wrap)?.unwrap_or(boot);
+        let config = CpusConfig {
+            boot_vcpus: u8::try_from(boot).map_err(|_| ConfigError::TooManyVcpus(boot))?,
+            max_vcpus: u8::try_from(max).map_err(|_| ConfigError::TooManyVcpus(max))?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let (boot, max) = (u64::from(self.boot_vcpus), u64::from(self.max_vcpus));
+        if boot == 0 {
+            return Err(ConfigError::NoBootVcpus(boot));
+        }
+        if boot > max {
+            return Err(ConfigError::BootAboveMax { boot, max });
+        }
+        if self.max_vcpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyVcpus(max));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Guest RAM in bytes.
+    pub size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { size: 512 << 20 }
+    }
+}
+
+impl MemoryConfig {
+    /// Parses `size=512M`.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let wrap = |source| ConfigError::Option {
+            option: "memory",
+            value: value.to_string(),
+            source,
+        };
+        let values = OptionValues::parse(value, &["size"]).map_err(wrap)?;
+        let size = values
+            .get_size("size")
+            .map_err(wrap)?
+            .unwrap_or(MemoryConfig::default().size);
+        let config = MemoryConfig { size };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.size == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if self.size % 4096 != 0 {
+            return Err(ConfigError::UnalignedMemory(self.size));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// Where a console's output goes (Cloud Hypervisor's `ConsoleOutputMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleOutputMode {
+    Off,
+    Tty,
+    File,
+    Null,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    pub mode: ConsoleOutputMode,
+}
+
+impl ConsoleConfig {
+    pub fn mode(mode: ConsoleOutputMode) -> Self {
+        ConsoleConfig { file: None, mode }
+    }
+
+    /// Parses `off`, `null`, `tty` or `file=PATH` for the option named `option`.
+    pub fn parse(option: &'static str, value: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadConsoleMode {
+            option,
+            value: value.to_string(),
+        };
+        match value {
+            "off" => Ok(Self::mode(ConsoleOutputMode::Off)),
+            "null" => Ok(Self::mode(ConsoleOutputMode::Null)),
+            "tty" => Ok(Self::mode(ConsoleOutputMode::Tty)),
+            _ => {
+                let values = OptionValues::parse(value, &["file"]).map_err(|_| bad())?;
+                let file = values.get("file").filter(|f| !f.is_empty()).ok_or_else(bad)?;
+                Ok(ConsoleConfig {
+                    file: Some(PathBuf::from(file)),
+                    mode: ConsoleOutputMode::File,
+                })
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    pub payload: PayloadConfig,
+    #[serde(default = "default_serial")]
+    pub serial: ConsoleConfig,
+    #[serde(default = "default_console")]
+    pub console: ConsoleConfig,
+}
+
+fn default_serial() -> ConsoleConfig {
+    ConsoleConfig::mode(ConsoleOutputMode::Tty)
+}
+
+fn default_console() -> ConsoleConfig {
+    ConsoleConfig::mode(ConsoleOutputMode::Off)
+}
+
+impl VmConfig {
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.cpus.validate()?;
+        self.memory.validate()?;
+        if self.payload.kernel.is_none() {
+            return Err(ConfigError::MissingKernel);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus() {
+        assert_eq!(
+            CpusConfig::parse("boot=2").unwrap(),
+            CpusConfig {
+                boot_vcpus: 2,
+                max_vcpus: 2
+            }
+        );
+        assert_eq!(CpusConfig::parse("boot=2,max=4").unwrap().max_vcpus, 4);
+        assert_eq!(
+            CpusConfig::parse("boot=0").unwrap_err(),
+            ConfigError::NoBootVcpus(0)
+        );
+        assert_eq!(
+            CpusConfig::parse("boot=4,max=2").unwrap_err(),
+            ConfigError::BootAboveMax { boot: 4, max: 2 }
+        );
+        assert_eq!(
+            CpusConfig::parse("boot=300").unwrap_err(),
+            ConfigError::TooManyVcpus(300)
+        );
+        let err = CpusConfig::parse("boot=x").unwrap_err().to_string();
+        assert!(err.contains("--cpus boot=x") && err.contains("unsigned integer"), "{err}");
+        let err = CpusConfig::parse("cores=2").unwrap_err().to_string();
+        assert!(err.contains("unknown key 'cores'"), "{err}");
+    }
+
+    #[test]
+    fn memory() {
+        assert_eq!(MemoryConfig::parse("size=512M").unwrap().size, 512 << 20);
+        assert_eq!(
+            MemoryConfig::parse("size=0").unwrap_err(),
+            ConfigError::ZeroMemory
+        );
+        assert_eq!(
+            MemoryConfig::parse("size=1000").unwrap_err(),
+            ConfigError::UnalignedMemory(1000)
+        );
+        assert!(MemoryConfig::parse("size=lots").is_err());
+    }
+
+    #[test]
+    fn consoles() {
+        assert_eq!(
+            ConsoleConfig::parse("serial", "tty").unwrap().mode,
+            ConsoleOutputMode::Tty
+        );
+        let file = ConsoleConfig::parse("serial", "file=/tmp/x").unwrap();
+        assert_eq!(file.file, Some(PathBuf::from("/tmp/x")));
+        assert!(ConsoleConfig::parse("serial", "pty").is_err());
+        assert!(ConsoleConfig::parse("serial", "file=").is_err());
+    }
+
+    #[test]
+    fn json_matches_cloud_hypervisor_shape() {
+        let json = r#"{"cpus":{"boot_vcpus":2,"max_vcpus":2},"memory":{"size":536870912},
+            "payload":{"kernel":"/k","cmdline":"console=ttyS0"},
+            "serial":{"mode":"Tty"},"console":{"mode":"Off"}}"#;
+        let config: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(config.cpus.boot_vcpus, 2);
+        assert!(config.validate().is_ok());
+        let bad = r#"{"payload":{"kernel":"/k"},"bogus":1}"#;
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err());
+    }
+}

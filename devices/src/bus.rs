@@ -1,0 +1,154 @@
+//! An address bus (port I/O or MMIO): a sorted map of non-overlapping ranges,
+//! each served by one device.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+/// A device reachable through register reads and writes.
+///
+/// `offset` is relative to the start of the range the device was inserted at;
+/// `data.len()` is the access width (1, 2, 4 or 8 bytes as the guest chose).
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("range {base:#x}+{len:#x} is empty or wraps around")]
+    InvalidRange { base: u64, len: u64 },
+    #[error("range {base:#x}+{len:#x} overlaps a device at {other:#x}")]
+    Overlap { base: u64, len: u64, other: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Range {
+    base: u64,
+    len: u64,
+}
+
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+#[derive(Default)]
+pub struct Bus {
+    devices: BTreeMap<u64, (Range, SharedDevice)>,
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
+        // The only candidates for overlap: the last range starting below `end`.
+        if let Some((_, (other, _))) = self.devices.range(..end).next_back()
+            && other.base + other.len > base
+        {
+            return Err(BusError::Overlap {
+                base,
+                len,
+                other: other.base,
+            });
+        }
+        self.devices.insert(base, (Range { base, len }, device));
+        Ok(())
+    }
+
+    /// The device covering `[addr, addr + width)` and the offset of `addr` in it.
+    fn resolve(&self, addr: u64, width: usize) -> Option<(&SharedDevice, u64)> {
+        let (_, (range, device)) = self.devices.range(..=addr).next_back()?;
+        let offset = addr - range.base;
+        let end = offset.checked_add(width as u64)?;
+        (end <= range.len).then_some((device, offset))
+    }
+
+    /// Reads from the device at `addr`; `false` if nothing is there (the
+    /// caller decides what an unclaimed read returns).
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((device, offset)) => {
+                lock(device).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((device, offset)) => {
+                lock(device).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Locks a device even if an earlier holder panicked: a device's registers
+/// stay meaningful, and one broken access must not take down every vCPU.
+pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(u8);
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(self.0 + offset as u8);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.0 = data[0];
+        }
+    }
+
+    fn echo(v: u8) -> SharedDevice {
+        Arc::new(Mutex::new(Echo(v)))
+    }
+
+    #[test]
+    fn routes_by_range() {
+        let mut bus = Bus::new();
+        bus.insert(echo(10), 0x3f8, 8).unwrap();
+        bus.insert(echo(20), 0x60, 1).unwrap();
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x3f9, &mut b));
+        assert_eq!(b[0], 11);
+        assert!(bus.write(0x60, &[7]));
+        assert!(bus.read(0x60, &mut b));
+        assert_eq!(b[0], 7);
+        assert!(!bus.read(0x61, &mut b));
+        assert!(!bus.read(0x3f7, &mut b));
+        // An access that starts inside but runs past the end is not claimed.
+        let mut w = [0u8; 4];
+        assert!(!bus.read(0x3fe, &mut w));
+        assert!(!bus.read(u64::MAX, &mut w));
+    }
+
+    #[test]
+    fn rejects_overlaps_and_empty_ranges() {
+        let mut bus = Bus::new();
+        bus.insert(echo(0), 0x70, 2).unwrap();
+        assert!(matches!(
+            bus.insert(echo(0), 0x71, 1),
+            Err(BusError::Overlap { other: 0x70, .. })
+        ));
+        assert!(matches!(
+            bus.insert(echo(0), 0x60, 0x20),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(bus.insert(echo(0), 0x72, 1).is_ok());
+        assert!(bus.insert(echo(0), 0x6f, 1).is_ok());
+        assert!(bus.insert(echo(0), 0x100, 0).is_err());
+        assert!(bus.insert(echo(0), u64::MAX, 2).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+# keel.test=poweroff: power off at once.
+echo KEEL-L2 POWEROFF
+poweroff -f
