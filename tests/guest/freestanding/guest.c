@@ -66,9 +66,10 @@ struct memmap_entry {
 #define CMOS_REBOOT_BYTE 0x40
 #define CMOS_REBOOT_MAGIC 0x5a
 
-/* How long to wait for a poweroff or reset write to take effect, in loop
- * iterations that touch no memory (about 0.1-0.25 s on kvm_pvm). */
-#define SETTLE_LOOPS (1u << 20)
+/* How long to wait for a poweroff or reset write to take effect, in TSC
+ * ticks: about 0.1-0.3 s. VMMs may run the vCPU on for a while after the
+ * write (QEMU does), and the guest should not cry failure meanwhile. */
+#define SETTLE_TSC (1ull << 28)
 
 enum mode { MODE_POWEROFF, MODE_REBOOT, MODE_TRIPLEFAULT, MODE_HALT, MODE_SPIN };
 
@@ -180,9 +181,11 @@ static __attribute__((noreturn)) void triple_fault(void)
 		u32 base;
 	} __attribute__((packed)) no_idt = { 0, 0 };
 
-	/* With an empty IDT, int3 faults, the fault cannot be delivered
-	 * either, and the CPU shuts down. */
-	__asm__ volatile("cli; lidt %0; int3" : : "m"(no_idt));
+	/* With an empty IDT, the #UD from ud2 cannot be delivered, nor can the
+	 * #GP and #DF that follow, and the CPU shuts down. Not int3: KVM's
+	 * instruction emulator (all a 32-bit guest gets on kvm_pvm) does not
+	 * know software interrupts and fails with an internal error instead. */
+	__asm__ volatile("cli; lidt %0; ud2" : : "m"(no_idt));
 	for (;;)
 		__asm__ volatile("hlt");
 }
@@ -201,10 +204,20 @@ static __attribute__((noreturn)) void halt_forever(void)
 		__asm__ volatile("cli; hlt");
 }
 
+static inline u64 rdtsc(void)
+{
+	u64 tsc;
+
+	__asm__ volatile("rdtsc" : "=A"(tsc));
+	return tsc;
+}
+
 static void settle(void)
 {
-	for (u32 i = SETTLE_LOOPS; i; i--)
-		__asm__ volatile("");
+	u64 start = rdtsc();
+
+	while (rdtsc() - start < SETTLE_TSC)
+		;
 }
 
 /* A 64-bit physical address the guest can reach, or a fatal error. */
