@@ -174,7 +174,10 @@ impl ConsoleConfig {
             "tty" => Ok(Self::mode(ConsoleOutputMode::Tty)),
             _ => {
                 let values = OptionValues::parse(value, &["file"]).map_err(|_| bad())?;
-                let file = values.get("file").filter(|f| !f.is_empty()).ok_or_else(bad)?;
+                let file = values
+                    .get("file")
+                    .filter(|f| !f.is_empty())
+                    .ok_or_else(bad)?;
                 Ok(ConsoleConfig {
                     file: Some(PathBuf::from(file)),
                     mode: ConsoleOutputMode::File,
@@ -245,7 +248,10 @@ mod tests {
             ConfigError::TooManyVcpus(300)
         );
         let err = CpusConfig::parse("boot=x").unwrap_err().to_string();
-        assert!(err.contains("--cpus boot=x") && err.contains("unsigned integer"), "{err}");
+        assert!(
+            err.contains("--cpus boot=x") && err.contains("unsigned integer"),
+            "{err}"
+        );
         let err = CpusConfig::parse("cores=2").unwrap_err().to_string();
         assert!(err.contains("unknown key 'cores'"), "{err}");
     }

@@ -94,7 +94,9 @@ impl Bus {
 /// Locks a device even if an earlier holder panicked: a device's registers
 /// stay meaningful, and one broken access must not take down every vCPU.
 pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -1,1 +1,156 @@
-fn main() {}
+//! The keel-vmm command line, compatible with cloud-hypervisor's options.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use keel_api::{ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use keel_vmm::Outcome;
+
+/// Exit statuses, documented in the README.
+const EXIT_BAD_INPUT: u8 = 1;
+const EXIT_GUEST_CRASHED: u8 = 2;
+const EXIT_GUEST_PANICKED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel-vmm",
+    version,
+    about = "Keel's virtual machine monitor: boots a Linux kernel on KVM",
+    after_help = "Serial console keys: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A."
+)]
+struct Cli {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux (PVH entry if it has one).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "CMDLINE")]
+    cmdline: Option<String>,
+    /// vCPUs at boot and at most.
+    #[arg(long, value_name = "boot=N[,max=M]", default_value = "boot=1")]
+    cpus: String,
+    /// Guest RAM (K/M/G suffixes).
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    memory: String,
+    /// Where the COM1 UART goes.
+    #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "tty")]
+    serial: String,
+    /// Where the virtio console goes (accepted; the device is not implemented yet).
+    #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "off")]
+    console: String,
+    /// More log output; repeat for more (-v warnings, -vv info, -vvv debug).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Write the log here instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+}
+
+impl Cli {
+    fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let config = VmConfig {
+            cpus: CpusConfig::parse(&self.cpus)?,
+            memory: MemoryConfig::parse(&self.memory)?,
+            payload: PayloadConfig {
+                kernel: self.kernel.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+            serial: ConsoleConfig::parse("serial", &self.serial)?,
+            console: ConsoleConfig::parse("console", &self.console)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// One line for a command-line error, naming the option.
+fn usage_error(err: &clap::Error) -> String {
+    let context = |kind| match err.get(kind) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(s)) => s.join(", "),
+        _ => String::new(),
+    };
+    match err.kind() {
+        ErrorKind::UnknownArgument => format!(
+            "unknown option '{}'; run keel-vmm --help for the options",
+            context(ContextKind::InvalidArg)
+        ),
+        ErrorKind::InvalidValue | ErrorKind::NoEquals => format!(
+            "option '{}' needs a value",
+            context(ContextKind::InvalidArg)
+        ),
+        ErrorKind::ArgumentConflict => format!(
+            "option '{}' is given more than once",
+            context(ContextKind::InvalidArg)
+        ),
+        _ => err
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid command line")
+            .trim_start_matches("error: ")
+            .to_string(),
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("keel-vmm: {}", usage_error(&err));
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let config = match cli.vm_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("keel-vmm: {err}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    if let Err(err) = keel_vmm::logger::init(cli.verbose, cli.log_file.as_deref()) {
+        eprintln!("keel-vmm: cannot open log file: {err}");
+        return ExitCode::from(EXIT_BAD_INPUT);
+    }
+    match keel_vmm::run(&config) {
+        Ok(Outcome::PoweredOff | Outcome::Quit) => ExitCode::SUCCESS,
+        Ok(Outcome::GuestPanicked) => {
+            eprintln!("keel-vmm: the guest kernel panicked (reported through pvpanic)");
+            ExitCode::from(EXIT_GUEST_PANICKED)
+        }
+        Ok(Outcome::Crashed { vcpu, reason }) => {
+            eprintln!("keel-vmm: vCPU {vcpu} stopped the VM: {reason}");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Err(err) => {
+            eprintln!("keel-vmm: {}", chain(&err));
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}

@@ -141,7 +141,11 @@ impl Cmos {
             return self.decode(value);
         }
         let hour = self.decode(value & !HOUR_PM) % 12;
-        if value & HOUR_PM != 0 { hour + 12 } else { hour }
+        if value & HOUR_PM != 0 {
+            hour + 12
+        } else {
+            hour
+        }
     }
 
     fn read_register(&mut self, index: u8) -> u8 {

@@ -1,0 +1,99 @@
+//! Guest RAM: where it lives in the guest's physical address space and how it
+//! is backed on the host.
+//!
+//! RAM fills the space below the 32-bit MMIO hole (3 GiB – 4 GiB, where the
+//! IOAPIC, the local APICs and PCI windows live) and continues above 4 GiB.
+
+use std::fs;
+
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Start of the 32-bit hole for devices; RAM below it is "low memory".
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error(
+        "Guest memory of {requested_mib} MiB is more than this host can back \
+         ({available_mib} MiB of RAM and swap); give a smaller --memory size"
+    )]
+    TooLarge {
+        requested_mib: u64,
+        available_mib: u64,
+    },
+    #[error("Could not map {size_mib} MiB of guest memory")]
+    Mmap {
+        size_mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The guest-physical RAM ranges for `size` bytes of RAM.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_HOLE_END), (size - low) as usize));
+    }
+    ranges
+}
+
+/// End of RAM below the hole (exclusive).
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+/// RAM plus swap: the most this host could ever back, whatever it overcommits.
+fn host_backing_limit() -> Option<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
+}
+
+/// Maps guest RAM. Pages are populated lazily, so this is cheap, but a size
+/// the host could never back is refused here rather than failing later with
+/// the guest half-booted.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    if let Some(limit) = host_backing_limit()
+        && size > limit
+    {
+        return Err(MemoryError::TooLarge {
+            requested_mib: size >> 20,
+            available_mib: limit >> 20,
+        });
+    }
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap {
+        size_mib: size >> 20,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_skips_the_mmio_hole() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        let big = ram_ranges(4 << 30);
+        assert_eq!(big[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(big[1], (GuestAddress(1 << 32), 1 << 30));
+        assert_eq!(low_ram_end(4 << 30), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn refuses_more_than_the_host_has() {
+        let err = create_guest_memory(1 << 50).unwrap_err();
+        assert!(matches!(err, MemoryError::TooLarge { .. }), "{err}");
+        assert!(create_guest_memory(16 << 20).is_ok());
+    }
+}

@@ -1,0 +1,119 @@
+//! The host terminal as the guest's serial console: raw mode while the VM
+//! runs (restored on every way out), and keyboard input fed to the UART.
+//!
+//! `Ctrl-A x` quits keel-vmm; `Ctrl-A Ctrl-A` sends a literal Ctrl-A.
+
+use std::io::{self, Read};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use keel_devices::bus::lock;
+use keel_devices::legacy::Serial;
+
+use crate::VmEvent;
+
+const CTRL_A: u8 = 0x01;
+
+static ORIGINAL: OnceLock<libc::termios> = OnceLock::new();
+
+/// Raw mode on stdin while alive; the original settings come back on drop,
+/// and on SIGTERM/SIGHUP, which would otherwise leave the terminal unusable.
+pub struct RawTerminal;
+
+impl RawTerminal {
+    /// Switches stdin to raw mode if it is a terminal.
+    pub fn enable() -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return None;
+        }
+        // SAFETY: a zeroed termios is a valid buffer for tcgetattr to fill.
+        let mut original: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: stdin is a terminal and `original` is a valid termios.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut original) } != 0 {
+            return None;
+        }
+        let original = *ORIGINAL.get_or_init(|| original);
+        let mut raw = original;
+        // SAFETY: cfmakeraw only edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so the host's lines still end right.
+        raw.c_oflag |= libc::OPOST;
+        // SAFETY: valid descriptor and termios.
+        if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        for signal in [libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: the handler only calls async-signal-safe functions.
+            unsafe { libc::signal(signal, restore_and_exit as *const () as libc::sighandler_t) };
+        }
+        Some(RawTerminal)
+    }
+}
+
+fn restore() {
+    if let Some(original) = ORIGINAL.get() {
+        // SAFETY: restores settings read from this same descriptor.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, original) };
+    }
+}
+
+extern "C" fn restore_and_exit(signal: libc::c_int) {
+    restore();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// Feeds stdin to the UART until stdin closes; `Ctrl-A x` asks to quit.
+pub fn spawn_input(serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = io::stdin().lock();
+            let mut buf = [0u8; 256];
+            let mut escape = false;
+            let mut out = Vec::with_capacity(buf.len());
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                out.clear();
+                for &b in &buf[..n] {
+                    match (escape, b) {
+                        (false, CTRL_A) => escape = true,
+                        (true, b'x' | b'X') => {
+                            let _ = events.send(VmEvent::ConsoleQuit);
+                            return;
+                        }
+                        (true, _) => {
+                            escape = false;
+                            out.push(b);
+                        }
+                        (false, _) => out.push(b),
+                    }
+                }
+                feed(&serial, &out);
+            }
+        })?;
+    Ok(())
+}
+
+/// The UART's FIFO is small: wait for the guest to drain it.
+fn feed(serial: &Mutex<Serial>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let taken = lock(serial).enqueue_input(bytes).unwrap_or(0);
+        bytes = &bytes[taken..];
+        if taken == 0 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

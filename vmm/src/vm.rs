@@ -1,0 +1,180 @@
+//! One boot of the virtual machine: the KVM VM with its memory, interrupt
+//! controller and vCPUs, loaded with the kernel and ready to run. A guest
+//! reset throws this away and builds a new one.
+
+use std::sync::mpsc::Sender;
+
+use keel_api::VmConfig;
+use kvm_bindings::{CpuId, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::VmEvent;
+use crate::acpi::{self, AcpiError};
+use crate::boot::{self, BootError};
+use crate::cpu::cpuid::{Topology, vcpu_cpuid};
+use crate::cpu::{CpuError, Vcpu, VcpuError, VcpuThreads};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::memory::{self, GuestMemory, MemoryError};
+
+/// Where KVM puts the TSS and identity map it needs on Intel hosts: the
+/// top of the 32-bit hole, clear of the IOAPIC and local APIC pages.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("KVM_CREATE_VM failed")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("This host's KVM lacks {0:?}, which keel-vmm needs")]
+    MissingCapability(Cap),
+    #[error("KVM supports at most {max} vCPUs on this host; {requested} requested")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error("KVM setup call {what} failed")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("Cannot register guest memory with KVM")]
+    RegisterMemory(#[source] kvm_ioctls::Error),
+    #[error("KVM_CREATE_VCPU {id} failed")]
+    CreateVcpu {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+}
+
+/// Host-wide facts read once per process.
+pub struct Hypervisor {
+    pub kvm: Kvm,
+    pub supported_cpuid: CpuId,
+}
+
+impl Hypervisor {
+    pub fn check(&self, config: &VmConfig) -> Result<(), VmError> {
+        for cap in [
+            Cap::Irqchip,
+            Cap::UserMemory,
+            Cap::SetTssAddr,
+            Cap::Irqfd,
+            Cap::ImmediateExit,
+        ] {
+            if !self.kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(cap));
+            }
+        }
+        let max = self.kvm.get_max_vcpus();
+        if usize::from(config.cpus.max_vcpus) > max {
+            return Err(VmError::TooManyVcpus {
+                requested: config.cpus.max_vcpus,
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+pub struct Vm {
+    fd: VmFd,
+    // Must outlive every vCPU: KVM maps it into the guest.
+    memory: GuestMemory,
+    vcpus: Vec<Vcpu>,
+}
+
+impl Vm {
+    pub fn new(
+        hypervisor: &Hypervisor,
+        config: &VmConfig,
+        devices: &DeviceManager,
+    ) -> Result<Self, VmError> {
+        let memory = memory::create_guest_memory(config.memory.size)?;
+        let fd = hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?;
+        let setup = |what| move |source| VmError::Setup { what, source };
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(setup("KVM_SET_TSS_ADDR"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+            .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        register_memory(&fd, &memory)?;
+        devices.attach(&fd)?;
+
+        let entry = boot::load_payload(&memory, &config.payload, config.memory.size)?;
+        boot::regs::write_boot_tables(&memory, entry)?;
+        acpi::write_tables(&memory, &config.cpus)?;
+
+        let topology = Topology {
+            cpus: config.cpus.max_vcpus,
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus.boot_vcpus));
+        for id in 0..config.cpus.boot_vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(id))
+                .map_err(|source| VmError::CreateVcpu { id, source })?;
+            let vcpu = Vcpu::new(id, vcpu_fd, devices.buses());
+            let cpuid = vcpu_cpuid(&hypervisor.supported_cpuid, id, topology);
+            vcpu.configure(&cpuid, (id == 0).then_some(entry))?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm { fd, memory, vcpus })
+    }
+
+    /// Starts the vCPUs. The VM runs until the returned handle is stopped.
+    pub fn start(self, events: Sender<VmEvent>) -> Result<RunningVm, VmError> {
+        let threads = VcpuThreads::start(self.vcpus, events)?;
+        Ok(RunningVm {
+            threads: Some(threads),
+            _fd: self.fd,
+            _memory: self.memory,
+        })
+    }
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|_| VmError::RegisterMemory(kvm_ioctls::Error::new(libc::EFAULT)))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // VM (and so every vCPU) keeps alive until after the VM fd is closed.
+        unsafe { fd.set_user_memory_region(region) }.map_err(VmError::RegisterMemory)?;
+    }
+    Ok(())
+}
+
+pub struct RunningVm {
+    threads: Option<VcpuThreads>,
+    // Dropped after the threads are joined (field order).
+    _fd: VmFd,
+    _memory: GuestMemory,
+}
+
+impl RunningVm {
+    /// Stops every vCPU; the VM is released when this is dropped.
+    pub fn stop(mut self) {
+        if let Some(threads) = self.threads.take() {
+            threads.stop();
+        }
+    }
+}
