@@ -122,7 +122,7 @@ impl MemoryConfig {
         if self.size == 0 {
             return Err(ConfigError::ZeroMemory);
         }
-        if self.size % 4096 != 0 {
+        if !self.size.is_multiple_of(4096) {
             return Err(ConfigError::UnalignedMemory(self.size));
         }
         Ok(())

@@ -23,6 +23,8 @@ use layout::*;
 
 #[derive(Debug, Error)]
 pub enum BootError {
+    #[error("No kernel given: give the path of a bzImage or an ELF vmlinux")]
+    NoKernel,
     #[error("Cannot open kernel {path}")]
     OpenKernel {
         path: PathBuf,
@@ -88,9 +90,7 @@ pub fn load_payload(
     payload: &PayloadConfig,
     mem_size: u64,
 ) -> Result<EntryPoint, BootError> {
-    let kernel_path = payload.kernel.as_deref().ok_or(BootError::NotAKernel {
-        path: PathBuf::new(),
-    })?;
+    let kernel_path = payload.kernel.as_deref().ok_or(BootError::NoKernel)?;
     let mut kernel = File::open(kernel_path).map_err(|source| BootError::OpenKernel {
         path: kernel_path.to_path_buf(),
         source,
@@ -161,7 +161,10 @@ fn load_kernel(
                 _ => Loaded::Elf64(result),
             });
         }
-        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
+        // Too short or wrong magic: not an ELF, maybe a bzImage.
+        Err(loader::Error::Elf(
+            loader::elf::Error::InvalidElfMagicNumber | loader::elf::Error::ReadElfHeader,
+        )) => {}
         Err(e) => return Err(load_error(e)),
     }
     kernel
