@@ -1,18 +1,28 @@
 //! Host side of the guest's consoles: a writer that never blocks the vCPU
 //! thread (bytes go to a buffer a dedicated thread drains to the terminal or
 //! file), so a slow terminal slows nothing but its own output.
+//!
+//! A UART hands over one byte per VM exit; waking the writer for each would
+//! cost a futex wake and a write(2) per byte. It is woken per line instead,
+//! and a partial line (a shell prompt) follows within [`PARTIAL_LINE_DELAY`].
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 /// Beyond this many undelivered bytes, new output is dropped (and counted)
 /// rather than making the guest wait.
 const MAX_PENDING: usize = 4 << 20;
+/// Pending output this large is delivered without waiting for a newline.
+const EAGER_BYTES: usize = 4096;
+const PARTIAL_LINE_DELAY: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
+    /// A whole line (or a lot) is waiting: deliver now.
+    urgent: bool,
     closed: bool,
     dropped: u64,
 }
@@ -41,9 +51,15 @@ impl Write for BufferedWriter {
         if pending.bytes.len() + buf.len() > MAX_PENDING {
             pending.dropped += buf.len() as u64;
         } else {
+            // Wake the writer when output starts (to time a partial line)
+            // and when a line is complete.
             let was_empty = pending.bytes.is_empty();
             pending.bytes.extend_from_slice(buf);
-            if was_empty {
+            let complete = buf.contains(&b'\n') || pending.bytes.len() >= EAGER_BYTES;
+            if complete && !pending.urgent {
+                pending.urgent = true;
+                self.shared.ready.notify_one();
+            } else if was_empty {
                 self.shared.ready.notify_one();
             }
         }
@@ -72,12 +88,23 @@ impl ConsoleOutput {
                 loop {
                     {
                         let mut pending = worker.lock();
-                        while pending.bytes.is_empty() && !pending.closed {
-                            pending = worker
-                                .ready
-                                .wait(pending)
-                                .unwrap_or_else(|p| p.into_inner());
+                        while !pending.urgent && !pending.closed {
+                            if pending.bytes.is_empty() {
+                                pending = worker
+                                    .ready
+                                    .wait(pending)
+                                    .unwrap_or_else(|p| p.into_inner());
+                            } else {
+                                // A partial line: give it a moment to complete.
+                                pending = worker
+                                    .ready
+                                    .wait_timeout(pending, PARTIAL_LINE_DELAY)
+                                    .map(|(p, _)| p)
+                                    .unwrap_or_else(|p| p.into_inner().0);
+                                break;
+                            }
                         }
+                        pending.urgent = false;
                         if pending.bytes.is_empty() {
                             if pending.dropped > 0 {
                                 log::warn!("Console output lost {} bytes", pending.dropped);
@@ -150,6 +177,21 @@ mod tests {
         let got = sink.0.lock().unwrap();
         assert_eq!(got.len(), 40_000);
         assert_eq!(&got[4..8], &1u32.to_le_bytes());
+    }
+
+    #[test]
+    fn a_partial_line_is_delivered_without_a_newline() {
+        let sink = Sink::default();
+        let out = ConsoleOutput::new(Box::new(sink.clone())).unwrap();
+        // Let the writer thread go idle first.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        out.writer().write_all(b"login: ").unwrap();
+        let start = std::time::Instant::now();
+        while sink.0.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"login: ");
     }
 
     #[test]

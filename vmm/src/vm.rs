@@ -110,12 +110,32 @@ impl Vm {
         fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
             .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-        register_memory(&fd, &memory)?;
-        devices.attach(&fd)?;
 
-        let entry = boot::load_payload(&memory, &config.payload, config.memory.size)?;
-        boot::regs::write_boot_tables(&memory, entry)?;
-        acpi::write_tables(&memory, &config.cpus)?;
+        // Registering memory costs KVM a fixed few milliseconds (it waits
+        // for an RCU grace period); do the rest of the setup meanwhile.
+        let vcpus = std::thread::scope(|scope| {
+            let registration = scope.spawn(|| register_memory(&fd, &memory));
+            let vcpus = Self::prepare(hypervisor, config, devices, &fd, &memory);
+            let registered = registration.join().unwrap_or_else(|_| {
+                Err(VmError::RegisterMemory(kvm_ioctls::Error::new(libc::EIO)))
+            });
+            registered.and(vcpus)
+        })?;
+        Ok(Vm { fd, memory, vcpus })
+    }
+
+    /// Loads the payload and creates the vCPUs, ready to start.
+    fn prepare(
+        hypervisor: &Hypervisor,
+        config: &VmConfig,
+        devices: &DeviceManager,
+        fd: &VmFd,
+        memory: &GuestMemory,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        devices.attach(fd)?;
+        let entry = boot::load_payload(memory, &config.payload, config.memory.size)?;
+        boot::regs::write_boot_tables(memory, entry)?;
+        acpi::write_tables(memory, &config.cpus)?;
 
         let topology = Topology {
             cpus: config.cpus.max_vcpus,
@@ -130,7 +150,7 @@ impl Vm {
             vcpu.configure(&cpuid, (id == 0).then_some(entry))?;
             vcpus.push(vcpu);
         }
-        Ok(Vm { fd, memory, vcpus })
+        Ok(vcpus)
     }
 
     /// Starts the vCPUs. The VM runs until the returned handle is stopped.
