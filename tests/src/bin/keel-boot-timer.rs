@@ -21,6 +21,8 @@ struct Options {
     marker: String,
     runs: usize,
     timeout: Duration,
+    /// Also print each run (`RAW …` lines) so several invocations can be pooled.
+    raw: bool,
     command: Vec<String>,
 }
 
@@ -31,6 +33,7 @@ fn parse_args() -> Result<Options, String> {
         marker: String::new(),
         runs: 20,
         timeout: Duration::from_secs(60),
+        raw: false,
         command: Vec::new(),
     };
     while let Some(arg) = args.next() {
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Options, String> {
                     .map_err(|_| "--timeout-s needs a number")?;
                 options.timeout = Duration::from_secs(secs);
             }
+            "--raw" => options.raw = true,
             "--" => {
                 options.command = args.collect();
                 break;
@@ -58,7 +62,7 @@ fn parse_args() -> Result<Options, String> {
     }
     if options.marker.is_empty() || options.command.is_empty() {
         return Err(
-            "usage: keel-boot-timer [--label L] --marker TEXT [--runs N] [--timeout-s S] -- CMD..."
+            "usage: keel-boot-timer [--label L] --marker TEXT [--runs N] [--timeout-s S] [--raw] -- CMD..."
                 .into(),
         );
     }
@@ -161,7 +165,15 @@ fn main() -> ExitCode {
     let mut samples = Vec::new();
     for run in 0..options.runs {
         match run_once(&options) {
-            Ok(sample) => samples.push(sample),
+            Ok(sample) => {
+                if options.raw {
+                    println!(
+                        "RAW label={} marker_ms={:.3} exit_ms={:.3} peak_rss_kib={}",
+                        options.label, sample.marker_ms, sample.exit_ms, sample.rss_kib
+                    );
+                }
+                samples.push(sample)
+            }
             Err(e) => println!("FAIL label={} run={run} {e}", options.label),
         }
     }
