@@ -112,6 +112,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         let Ok(event) = events.recv() else {
             break Outcome::Quit;
         };
+        log::debug!("Control event: {event:?}");
         running.stop();
         let event = match event {
             VmEvent::VcpuStopped {

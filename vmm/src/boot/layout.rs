@@ -25,6 +25,8 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// The BIOS read-only area where a kernel scans for the ACPI RSDP.
 pub const BIOS_AREA_START: u64 = 0xe0000;
 pub const RSDP_START: u64 = BIOS_AREA_START;
+/// The x86 reset vector (F000:FFF0 in real mode), where firmware would be.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Where the kernel is loaded, and where high memory starts.
 pub const HIMEM_START: u64 = 0x100000;
 

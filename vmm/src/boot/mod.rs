@@ -115,6 +115,7 @@ pub fn load_payload(
         None => None,
     };
 
+    write_reset_stub(mem)?;
     let memory_map = memory_map(mem_size);
     match loaded {
         Loaded::Pvh(entry) => {
@@ -236,6 +237,27 @@ fn load_initramfs(
             source,
         })?;
     Ok(Initramfs { addr, size })
+}
+
+/// There is no firmware, but kernels still jump to the reset vector to
+/// reboot: Linux on a HW-reduced ACPI machine tries EFI, then "BIOS" (real
+/// mode, F000:FFF0) before the ACPI reset register. What sits there asks
+/// for a reset the way the FADT says to, so every such path ends in a reset.
+fn write_reset_stub(mem: &GuestMemory) -> Result<(), BootError> {
+    let [port_lo, port_hi] = keel_devices::acpi_pm::RESET_PORT.to_le_bytes();
+    let stub = [
+        0xb0,
+        keel_devices::acpi_pm::RESET_VALUE, // mov al, RESET_VALUE
+        0xba,
+        port_lo,
+        port_hi, // mov dx, RESET_PORT
+        0xee,    // out dx, al
+        0xf4,    // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+    ];
+    mem.write_slice(&stub, GuestAddress(RESET_VECTOR))
+        .map_err(BootError::WriteBootData)
 }
 
 /// A memory map entry shared by the e820 table and the PVH memory map.

@@ -91,10 +91,13 @@ impl VcpuThreads {
     fn stop_and_join(&mut self) {
         self.stop.store(true, Ordering::Release);
         for thread in self.threads.drain(..) {
+            let mut kicks = 0u32;
             while !thread.is_finished() {
                 let _ = thread.kill(kick_signal());
+                kicks += 1;
                 thread::sleep(Duration::from_micros(200));
             }
+            log::debug!("{:?} stopped after {kicks} kick(s)", thread.thread().name());
             let _ = thread.join();
         }
     }
