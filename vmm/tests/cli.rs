@@ -69,6 +69,25 @@ fn more_memory_than_the_host_can_back() {
 }
 
 #[test]
+fn initramfs_larger_than_guest_memory() {
+    let path = std::env::temp_dir().join(format!("keel-big-initrd-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(64 << 20).unwrap();
+    rejects(
+        &[
+            "--kernel",
+            guest(),
+            "--memory",
+            "size=32M",
+            "--initramfs",
+            path.to_str().unwrap(),
+        ],
+        "does not fit",
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
 fn unknown_or_malformed_options() {
     rejects(
         &["--kernel", guest(), "--bogus"],

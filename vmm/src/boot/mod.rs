@@ -51,13 +51,14 @@ pub enum BootError {
         source: std::io::Error,
     },
     #[error(
-        "Initramfs {path} ({size_mib} MiB) does not fit in guest memory below {limit:#x}; \
-         give more --memory"
+        "Initramfs {path} ({size_mib} MiB) does not fit between the kernel (ending at \
+         {kernel_end:#x}) and {top:#x}; give more --memory"
     )]
     InitramfsTooLarge {
         path: PathBuf,
         size_mib: u64,
-        limit: u64,
+        kernel_end: u64,
+        top: u64,
     },
     #[error("Cannot read initramfs {path} into guest memory")]
     ReadInitramfs {
@@ -110,7 +111,7 @@ pub fn load_payload(
                 Loaded::BzImage(result) => linux::initrd_addr_max(result),
                 _ => u64::MAX,
             };
-            Some(load_initramfs(mem, path, mem_size, limit)?)
+            Some(load_initramfs(mem, path, mem_size, limit, loaded.end())?)
         }
         None => None,
     };
@@ -118,7 +119,7 @@ pub fn load_payload(
     write_reset_stub(mem)?;
     let memory_map = memory_map(mem_size);
     match loaded {
-        Loaded::Pvh(entry) => {
+        Loaded::Pvh(entry, _) => {
             pvh::write_start_info(mem, &memory_map, initramfs)?;
             Ok(EntryPoint::Pvh { rip: entry })
         }
@@ -141,7 +142,21 @@ pub fn load_payload(
 enum Loaded {
     BzImage(KernelLoaderResult),
     Elf64(KernelLoaderResult),
-    Pvh(u64),
+    Pvh(u64, KernelLoaderResult),
+}
+
+impl Loaded {
+    /// End of the memory the kernel occupies while it boots: a bzImage
+    /// decompresses itself in place and needs `init_size` bytes.
+    fn end(&self) -> u64 {
+        match self {
+            Loaded::BzImage(r) => {
+                let init_size = r.setup_header.map_or(0, |h| u64::from(h.init_size));
+                (r.kernel_load.0 + init_size).max(r.kernel_end)
+            }
+            Loaded::Elf64(r) | Loaded::Pvh(_, r) => r.kernel_end,
+        }
+    }
 }
 
 fn load_kernel(
@@ -158,7 +173,7 @@ fn load_kernel(
     match Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START))) {
         Ok(result) => {
             return Ok(match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(entry) => Loaded::Pvh(entry.0),
+                PvhBootCapability::PvhEntryPresent(entry) => Loaded::Pvh(entry.0, result),
                 _ => Loaded::Elf64(result),
             });
         }
@@ -212,6 +227,7 @@ fn load_initramfs(
     path: &Path,
     mem_size: u64,
     limit: u64,
+    kernel_end: u64,
 ) -> Result<Initramfs, BootError> {
     let open_error = |source| BootError::OpenInitramfs {
         path: path.to_path_buf(),
@@ -223,11 +239,11 @@ fn load_initramfs(
     let too_large = || BootError::InitramfsTooLarge {
         path: path.to_path_buf(),
         size_mib: size >> 20,
-        limit: top,
+        kernel_end,
+        top,
     };
     let addr = top.checked_sub(size).ok_or_else(too_large)? & !0xfff;
-    // Keep clear of the kernel and everything below it.
-    if addr < HIMEM_START + (16 << 20) {
+    if addr < kernel_end.max(HIMEM_START) {
         return Err(too_large());
     }
     let len = usize::try_from(size).map_err(|_| too_large())?;
