@@ -321,3 +321,74 @@ impl Vcpu {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use keel_devices::Bus;
+    use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+    use kvm_ioctls::Kvm;
+
+    use super::*;
+    use crate::cpu::cpuid::{Topology, vcpu_cpuid};
+
+    fn vcpu(kvm: &Kvm, vm: &kvm_ioctls::VmFd, id: u8) -> Vcpu {
+        let buses = Buses {
+            io: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+        };
+        Vcpu::new(id, vm.create_vcpu(u64::from(id)).unwrap(), buses).with_cpuid(kvm)
+    }
+
+    impl Vcpu {
+        fn with_cpuid(self, kvm: &Kvm) -> Self {
+            let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+            let cpuid = vcpu_cpuid(&supported, self.id, Topology { cpus: 2 });
+            self.configure(
+                &cpuid,
+                (self.id == 0).then_some(EntryPoint::Pvh { rip: 0x1234 }),
+            )
+            .unwrap();
+            self
+        }
+    }
+
+    #[test]
+    fn state_survives_serialization_into_another_vcpu() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let source = vcpu(&kvm, &vm, 0);
+        let state = source.save_state().unwrap();
+        assert_eq!(state.regs.rip, 0x1234);
+        assert_eq!(state.regs.rbx, crate::boot::layout::PVH_INFO_START);
+        let json = serde_json::to_string(&state).unwrap();
+        let loaded: VcpuState = serde_json::from_str(&json).unwrap();
+
+        let other_vm = kvm.create_vm().unwrap();
+        other_vm.create_irq_chip().unwrap();
+        let target = Vcpu::new(
+            0,
+            other_vm.create_vcpu(0).unwrap(),
+            Buses {
+                io: Arc::new(Bus::new()),
+                mmio: Arc::new(Bus::new()),
+            },
+        );
+        target.restore_state(&loaded).unwrap();
+        let again = target.save_state().unwrap();
+        assert_eq!(again.regs.rip, 0x1234);
+        assert_eq!(again.sregs.cs.selector, state.sregs.cs.selector);
+        assert_eq!(again.sregs.cr0, state.sregs.cr0);
+        assert_eq!(again.lapic.regs[..], state.lapic.regs[..]);
+        assert_eq!(again.cpuid.len(), state.cpuid.len());
+
+        let mut old = loaded;
+        old.version = VCPU_STATE_VERSION + 1;
+        assert!(matches!(
+            target.restore_state(&old),
+            Err(VcpuError::StateVersion(_))
+        ));
+    }
+}
