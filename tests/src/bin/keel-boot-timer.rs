@@ -103,23 +103,28 @@ fn run_once(options: &Options) -> Result<Sample, String> {
             line.clear();
         }
     });
+    // Block in wait4 on a helper thread rather than polling: inside the lab
+    // every timer wakeup is emulated and steals time from the guest.
     let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid buffer for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
+    let (done_tx, done_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid buffer for wait4 to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: waits for our own child, with valid out-pointers.
-        let done = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if done == pid {
-            break;
-        }
-        if start.elapsed() > options.timeout {
-            let _ = child.kill();
-            let _ = child.wait();
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let _ = done_tx.send((reaped, status, usage.ru_maxrss));
+    });
+    let (status, rss_kib) = match done_rx.recv_timeout(options.timeout) {
+        Ok((reaped, status, rss)) if reaped == pid => (status, rss),
+        Ok(_) => return Err("wait4 failed".into()),
+        Err(_) => {
+            // SAFETY: signals our own child, which has not been reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
             return Err(format!("timed out after {:?}", options.timeout));
         }
-        thread::sleep(Duration::from_micros(200));
-    }
+    };
     let exit = start.elapsed();
     let status = std::process::ExitStatus::from_raw(status);
     let marker = rx
@@ -131,7 +136,7 @@ fn run_once(options: &Options) -> Result<Sample, String> {
     Ok(Sample {
         marker_ms: marker.as_secs_f64() * 1e3,
         exit_ms: exit.as_secs_f64() * 1e3,
-        rss_kib: usage.ru_maxrss as f64,
+        rss_kib: rss_kib as f64,
     })
 }
 
