@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::VmEvent;
 use crate::acpi::{self, AcpiError};
-use crate::boot::{self, BootError};
+use crate::boot::{self, BootError, EntryPoint};
 use crate::cpu::cpuid::{Topology, vcpu_cpuid};
 use crate::cpu::{CpuError, Vcpu, VcpuError, VcpuThreads};
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -45,6 +45,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("The kernel loader thread panicked")]
+    LoaderPanicked,
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -103,21 +105,15 @@ impl Vm {
         devices: &DeviceManager,
     ) -> Result<Self, VmError> {
         let memory = memory::create_guest_memory(config.memory.size)?;
-        let fd = hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?;
-        let setup = |what| move |source| VmError::Setup { what, source };
-        // Memory first: once the in-kernel irqchip exists, KVM waits for an
-        // RCU grace period on every memslot change (~5 ms here, 0.3 ms before).
-        register_memory(&fd, &memory)?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(setup("KVM_SET_TSS_ADDR"))?;
-        fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-        devices.attach(&fd)?;
-
-        let entry = boot::load_payload(&memory, &config.payload, config.memory.size)?;
-        boot::regs::write_boot_tables(&memory, entry)?;
-        acpi::write_tables(&memory, &config.cpus)?;
+        // Copying the kernel and initramfs into guest memory is the slowest
+        // step (tens of MiB); it needs no KVM state, so it runs beside the
+        // KVM setup.
+        let (fd, entry) = std::thread::scope(|scope| {
+            let loading = scope.spawn(|| load_guest_image(config, &memory));
+            let fd = create_kvm_vm(hypervisor, devices, &memory);
+            let entry = loading.join().unwrap_or(Err(VmError::LoaderPanicked))?;
+            Ok::<_, VmError>((fd?, entry))
+        })?;
 
         let topology = Topology {
             cpus: config.cpus.max_vcpus,
@@ -144,6 +140,34 @@ impl Vm {
             _memory: self.memory,
         })
     }
+}
+
+/// The kernel, initramfs, boot tables and ACPI tables, written into memory.
+fn load_guest_image(config: &VmConfig, memory: &GuestMemory) -> Result<EntryPoint, VmError> {
+    let entry = boot::load_payload(memory, &config.payload, config.memory.size)?;
+    boot::regs::write_boot_tables(memory, entry)?;
+    acpi::write_tables(memory, &config.cpus)?;
+    Ok(entry)
+}
+
+/// The KVM VM with its memory, interrupt controller and device interrupts.
+fn create_kvm_vm(
+    hypervisor: &Hypervisor,
+    devices: &DeviceManager,
+    memory: &GuestMemory,
+) -> Result<VmFd, VmError> {
+    let fd = hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?;
+    let setup = |what| move |source| VmError::Setup { what, source };
+    // Memory first: once the in-kernel irqchip exists, KVM waits for an
+    // RCU grace period on every memslot change (~5 ms here, 0.3 ms before).
+    register_memory(&fd, memory)?;
+    fd.set_tss_address(TSS_ADDRESS)
+        .map_err(setup("KVM_SET_TSS_ADDR"))?;
+    fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+    devices.attach(&fd)?;
+    Ok(fd)
 }
 
 fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
