@@ -62,6 +62,10 @@ impl Bus {
 
     /// The device covering `[addr, addr + width)` and the offset of `addr` in it.
     fn resolve(&self, addr: u64, width: usize) -> Option<(&SharedDevice, u64)> {
+        // Devices may rely on at least one byte of data.
+        if width == 0 {
+            return None;
+        }
         let (_, (range, device)) = self.devices.range(..=addr).next_back()?;
         let offset = addr - range.base;
         let end = offset.checked_add(width as u64)?;
@@ -134,6 +138,7 @@ mod tests {
         let mut w = [0u8; 4];
         assert!(!bus.read(0x3fe, &mut w));
         assert!(!bus.read(u64::MAX, &mut w));
+        assert!(!bus.write(0x3f8, &[]));
     }
 
     #[test]

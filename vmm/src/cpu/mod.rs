@@ -4,6 +4,7 @@ pub mod cpuid;
 pub mod state;
 pub mod vcpu;
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,7 +69,13 @@ impl VcpuThreads {
             let thread = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    if let Some(reason) = vcpu.run(&stop) {
+                    // A bug in exit handling must end the VM with a report,
+                    // not leave it running one vCPU short.
+                    let outcome = panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&stop)))
+                        .unwrap_or_else(|_| {
+                            Some(VcpuStop::Unexpected("the vCPU thread panicked".into()))
+                        });
+                    if let Some(reason) = outcome {
                         // The receiver outlives every boot; a send can only
                         // fail while the process is already exiting.
                         let _ = events.send(VmEvent::VcpuStopped { id, reason });
