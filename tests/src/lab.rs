@@ -373,6 +373,11 @@ keel_case() {{
             .unwrap_or_else(|| self.cases.iter().map(|c| c.timeout_s).sum::<u64>() + L1_OVERHEAD_S);
         args.push("--timeout".to_string());
         args.push(timeout.to_string());
+        // Every case prints its markers, and a silent case is killed at its
+        // own timeout: a longer silence means L1 itself froze.
+        let longest_case = self.cases.iter().map(|c| c.timeout_s).max().unwrap_or(0);
+        args.push("--idle-timeout".to_string());
+        args.push((longest_case + 30).to_string());
         args.push("--".to_string());
         args.push(self.script());
         args
@@ -771,6 +776,8 @@ mod tests {
                 "/tmp/x",
                 "--timeout",
                 "300",
+                "--idle-timeout",
+                "90",
                 "--",
             ]
         );
