@@ -9,8 +9,13 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest RAM as devices see it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// A machine-level request a device makes on the guest's behalf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

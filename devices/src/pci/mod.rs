@@ -1,0 +1,1 @@
+//! PCI (work in progress).

@@ -1,0 +1,1 @@
+//! virtio-pci transport (work in progress).
