@@ -4,9 +4,11 @@
 //! same documents can drive either VMM; [`options`] parses the command-line
 //! form (`--cpus boot=2,max=4`) into the same types.
 
+pub mod device_config;
 pub mod options;
 pub mod vm_config;
 
+pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig, VsockConfig};
 pub use vm_config::{
     ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig,
     VmConfig,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::device_config::{DiskConfig, NetConfig, RngConfig, VsockConfig};
 use crate::options::{OptionError, OptionValues};
 
 /// Highest vCPU count: APIC IDs and ACPI processor UIDs are 8-bit in the MADT
@@ -31,8 +32,15 @@ pub enum ConfigError {
     ZeroMemory,
     #[error("--memory: size={0} bytes is not a multiple of 4 KiB")]
     UnalignedMemory(u64),
+    #[error("Device id '{0}' is used twice; every device needs its own id")]
+    DuplicateId(String),
     #[error("--kernel is required: give the path of a bzImage or an ELF vmlinux")]
     MissingKernel,
+    #[error("--{option}: {message}")]
+    Device {
+        option: &'static str,
+        message: String,
+    },
     #[error("--{option} {value}: expected off, null, tty or file=PATH")]
     BadConsoleMode { option: &'static str, value: String },
 }
@@ -199,6 +207,14 @@ pub struct VmConfig {
     pub serial: ConsoleConfig,
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_serial() -> ConsoleConfig {
@@ -216,6 +232,23 @@ impl VmConfig {
         self.memory.validate()?;
         if self.payload.kernel.is_none() {
             return Err(ConfigError::MissingKernel);
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
+        for net in &self.net {
+            net.validate()?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        let named = self.disks.iter().filter_map(|d| d.id.as_ref());
+        let named = named.chain(self.net.iter().filter_map(|n| n.id.as_ref()));
+        for id in named.chain(self.vsock.iter().filter_map(|v| v.id.as_ref())) {
+            if !ids.insert(id) {
+                return Err(ConfigError::DuplicateId(id.clone()));
+            }
         }
         Ok(())
     }

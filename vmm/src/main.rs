@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use keel_api::{ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use keel_api::{
+    ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RngConfig, VmConfig, VsockConfig,
+};
 use keel_vmm::Outcome;
 
 /// Exit statuses, documented in the README.
@@ -39,9 +42,27 @@ struct Cli {
     /// Where the COM1 UART goes.
     #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "tty")]
     serial: String,
-    /// Where the virtio console goes (accepted; the device is not implemented yet).
+    /// Where the virtio console (the guest's hvc0) goes.
     #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "off")]
     console: String,
+    /// A virtio-blk disk backed by a raw image; repeat for more disks.
+    #[arg(
+        long,
+        value_name = "path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME][,serial=S]"
+    )]
+    disk: Vec<String>,
+    /// A virtio-net NIC on a host TAP device; repeat for more NICs.
+    #[arg(
+        long,
+        value_name = "tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N][,queue_size=N][,id=NAME]"
+    )]
+    net: Vec<String>,
+    /// A virtio-rng entropy device reading from the given source.
+    #[arg(long, value_name = "src=PATH", num_args = 0..=1, default_missing_value = "src=/dev/urandom")]
+    rng: Option<String>,
+    /// A virtio-vsock device; the host side is a Unix socket.
+    #[arg(long, value_name = "cid=N,socket=PATH[,id=NAME]")]
+    vsock: Option<String>,
     /// More log output; repeat for more (-v warnings, -vv info, -vvv debug).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -62,6 +83,18 @@ impl Cli {
             },
             serial: ConsoleConfig::parse("serial", &self.serial)?,
             console: ConsoleConfig::parse("console", &self.console)?,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()?,
+            net: self
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n))
+                .collect::<Result<_, _>>()?,
+            rng: self.rng.as_deref().map(RngConfig::parse).transpose()?,
+            vsock: self.vsock.as_deref().map(VsockConfig::parse).transpose()?,
         };
         config.validate()?;
         Ok(config)
