@@ -6,8 +6,13 @@
 //! programs, the notification eventfds and the interrupt vectors, so an MMIO
 //! transport or a vhost-user backend could host the same device.
 
+pub mod block;
+pub mod console;
+pub mod net;
 pub mod pci;
 pub mod queue_state;
+pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::io;
