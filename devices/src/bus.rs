@@ -2,7 +2,7 @@
 //! each served by one device.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use thiserror::Error;
 
@@ -21,6 +21,8 @@ pub enum BusError {
     InvalidRange { base: u64, len: u64 },
     #[error("range {base:#x}+{len:#x} overlaps a device at {other:#x}")]
     Overlap { base: u64, len: u64, other: u64 },
+    #[error("no device starts at {0:#x}")]
+    NotFound(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,9 +33,12 @@ struct Range {
 
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// Devices can be added, removed and moved while vCPUs use the bus (PCI
+/// BAR relocation, hot-plug): the map sits behind a read-write lock that is
+/// never held while a device runs, so a device may itself change the bus.
 #[derive(Default)]
 pub struct Bus {
-    devices: BTreeMap<u64, (Range, SharedDevice)>,
+    devices: RwLock<BTreeMap<u64, (Range, SharedDevice)>>,
 }
 
 impl Bus {
@@ -41,13 +46,14 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
         // The only candidates for overlap: the last range starting below `end`.
-        if let Some((_, (other, _))) = self.devices.range(..end).next_back()
+        if let Some((_, (other, _))) = devices.range(..end).next_back()
             && other.base + other.len > base
         {
             return Err(BusError::Overlap {
@@ -56,20 +62,43 @@ impl Bus {
                 other: other.base,
             });
         }
-        self.devices.insert(base, (Range { base, len }, device));
+        devices.insert(base, (Range { base, len }, device));
+        Ok(())
+    }
+
+    /// Takes the device at `base` off the bus.
+    pub fn remove(&self, base: u64) -> Option<SharedDevice> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        devices.remove(&base).map(|(_, device)| device)
+    }
+
+    /// Moves the device at `old` to `new`; on overlap it stays where it was.
+    pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
+        let (range, device) = {
+            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+            let (range, device) = devices.get(&old).ok_or(BusError::NotFound(old))?;
+            (*range, device.clone())
+        };
+        self.remove(old);
+        if let Err(e) = self.insert(device.clone(), new, range.len) {
+            // Put it back; the slot was ours a moment ago.
+            let _ = self.insert(device, old, range.len);
+            return Err(e);
+        }
         Ok(())
     }
 
     /// The device covering `[addr, addr + width)` and the offset of `addr` in it.
-    fn resolve(&self, addr: u64, width: usize) -> Option<(&SharedDevice, u64)> {
+    fn resolve(&self, addr: u64, width: usize) -> Option<(SharedDevice, u64)> {
         // Devices may rely on at least one byte of data.
         if width == 0 {
             return None;
         }
-        let (_, (range, device)) = self.devices.range(..=addr).next_back()?;
+        let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+        let (_, (range, device)) = devices.range(..=addr).next_back()?;
         let offset = addr - range.base;
         let end = offset.checked_add(width as u64)?;
-        (end <= range.len).then_some((device, offset))
+        (end <= range.len).then(|| (device.clone(), offset))
     }
 
     /// Reads from the device at `addr`; `false` if nothing is there (the
@@ -77,7 +106,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((device, offset)) => {
-                lock(device).read(offset, data);
+                lock(&device).read(offset, data);
                 true
             }
             None => false,
@@ -87,7 +116,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((device, offset)) => {
-                lock(device).write(offset, data);
+                lock(&device).write(offset, data);
                 true
             }
             None => false,
@@ -123,7 +152,7 @@ mod tests {
 
     #[test]
     fn routes_by_range() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(echo(10), 0x3f8, 8).unwrap();
         bus.insert(echo(20), 0x60, 1).unwrap();
         let mut b = [0u8; 1];
@@ -143,7 +172,7 @@ mod tests {
 
     #[test]
     fn rejects_overlaps_and_empty_ranges() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(echo(0), 0x70, 2).unwrap();
         assert!(matches!(
             bus.insert(echo(0), 0x71, 1),
@@ -157,5 +186,25 @@ mod tests {
         assert!(bus.insert(echo(0), 0x6f, 1).is_ok());
         assert!(bus.insert(echo(0), 0x100, 0).is_err());
         assert!(bus.insert(echo(0), u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn relocates_and_removes() {
+        let bus = Bus::new();
+        bus.insert(echo(1), 0x1000, 0x10).unwrap();
+        bus.insert(echo(2), 0x2000, 0x10).unwrap();
+        assert!(bus.relocate(0x1000, 0x2008).is_err(), "overlap");
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x1000, &mut b), "stayed put");
+        bus.relocate(0x1000, 0x3000).unwrap();
+        assert!(!bus.read(0x1000, &mut b));
+        assert!(bus.read(0x3001, &mut b));
+        assert_eq!(b[0], 2);
+        assert!(bus.remove(0x3000).is_some());
+        assert!(!bus.read(0x3001, &mut b));
+        assert_eq!(
+            bus.relocate(0x3000, 0x4000),
+            Err(BusError::NotFound(0x3000))
+        );
     }
 }

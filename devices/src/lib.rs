@@ -11,6 +11,7 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;
+pub mod vm_link;
 
 pub use bus::{Bus, BusDevice, BusError};
 
