@@ -43,6 +43,11 @@ pub enum ConfigError {
     },
     #[error("--{option} {value}: expected off, null, tty or file=PATH")]
     BadConsoleMode { option: &'static str, value: String },
+    #[error(
+        "--serial tty and --console tty both want the terminal; give only one of them tty \
+         (e.g. --serial null, or --console off)"
+    )]
+    DoubleTty,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +238,12 @@ impl VmConfig {
         if self.payload.kernel.is_none() {
             return Err(ConfigError::MissingKernel);
         }
+        // One terminal, one reader of its keyboard (Cloud Hypervisor refuses
+        // this too).
+        if self.serial.mode == ConsoleOutputMode::Tty && self.console.mode == ConsoleOutputMode::Tty
+        {
+            return Err(ConfigError::DoubleTty);
+        }
         for disk in &self.disks {
             disk.validate()?;
         }
@@ -313,6 +324,16 @@ mod tests {
         assert_eq!(file.file, Some(PathBuf::from("/tmp/x")));
         assert!(ConsoleConfig::parse("serial", "pty").is_err());
         assert!(ConsoleConfig::parse("serial", "file=").is_err());
+    }
+
+    #[test]
+    fn only_one_console_may_have_the_terminal() {
+        let json =
+            r#"{"payload":{"kernel":"/k"},"serial":{"mode":"Tty"},"console":{"mode":"Tty"}}"#;
+        let mut config: VmConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(config.validate(), Err(ConfigError::DoubleTty));
+        config.serial = ConsoleConfig::mode(ConsoleOutputMode::Null);
+        assert!(config.validate().is_ok());
     }
 
     #[test]
