@@ -16,10 +16,18 @@
 //! | `POWEROFF` | About to write S5 to PM1a_CNT or the sleep control register. |
 //! | `REBOOTING` / `SECOND-BOOT` | `keel.mode=reboot`, before the reset and after it (CMOS byte 0x40 kept). |
 //! | `TRIPLEFAULT` / `HALT` / `SPIN` | The other modes, after the report. |
+//! | `VIRTIO <what>` | `keel.mode=virtio` and `hostile`: a virtio-pci device found (`pci 00:01.0 blk`) or a well-behaved request's result (`rng ok`, `blk sector0 <checksum>`, `blk write ok`, `blk id <id>`, `blk capacity <sectors>`, `console ok`), then `done`. |
+//! | `HOSTILE <dev>.<attack> <outcome>` | `keel.mode=hostile`: one attack on one device and what came of it (see [`hostile_outcome_acceptable`]); `<dev>.final` is a well-behaved request after all attacks. |
+//! | `HOSTILE done` | The hostile run finished. |
 //! | `ERROR <reason>` | Something was wrong; the guest then triple-faults (or halts if a poweroff did not happen). |
 //!
 //! The guest runs on the boot CPU only. Its mode comes from `keel.mode=` on
 //! the command line (see [`Mode`]).
+//!
+//! Its virtio-pci driver (`virtio.c`) enumerates bus 0 through 0xCF8/0xCFC,
+//! assigns BARs that read 0, negotiates VERSION_1 only, leaves MSI-X
+//! disabled and polls one split virtqueue of 8 entries per device, every
+//! poll bounded by the TSC.
 
 use std::error::Error;
 use std::fmt;
@@ -48,6 +56,12 @@ pub enum Mode {
     Halt,
     /// Loop forever without exits.
     Spin,
+    /// Drive every virtio-pci device with well-behaved requests (`VIRTIO`
+    /// lines), then power off.
+    Virtio,
+    /// The `Virtio` requests, then malformed requests and register garbage
+    /// on every device (`HOSTILE` lines), then power off.
+    Hostile,
 }
 
 impl Mode {
@@ -58,6 +72,8 @@ impl Mode {
             Mode::TripleFault => "triplefault",
             Mode::Halt => "halt",
             Mode::Spin => "spin",
+            Mode::Virtio => "virtio",
+            Mode::Hostile => "hostile",
         }
     }
 
@@ -91,6 +107,9 @@ pub enum GuestLine {
     TripleFault,
     Halt,
     Spin,
+    Virtio(String),
+    Hostile { name: String, outcome: String },
+    HostileDone,
     Error(String),
 }
 
@@ -143,6 +162,12 @@ fn parse_body(body: &str) -> Option<GuestLine> {
         "TRIPLEFAULT" => GuestLine::TripleFault,
         "HALT" => GuestLine::Halt,
         "SPIN" => GuestLine::Spin,
+        "VIRTIO" if !rest.is_empty() => return Some(GuestLine::Virtio(rest.to_string())),
+        "HOSTILE" if rest == "done" => return Some(GuestLine::HostileDone),
+        "HOSTILE" => GuestLine::Hostile {
+            name: args.next().filter(|n| n.contains('.'))?.to_string(),
+            outcome: args.next()?.to_string(),
+        },
         "ERROR" => return Some(GuestLine::Error(rest.to_string())),
         _ => return None,
     };
@@ -176,6 +201,12 @@ pub struct GuestReport {
     pub triple_fault: bool,
     pub halt: bool,
     pub spin: bool,
+    /// The bodies of the `VIRTIO` lines, in order.
+    pub virtio: Vec<String>,
+    /// `(name, outcome)` of each `HOSTILE` line but the last, in order.
+    pub hostile: Vec<(String, String)>,
+    /// `HOSTILE done`: the hostile run came to its end.
+    pub hostile_done: bool,
     /// The guest's `ERROR` reasons and any malformed lines.
     pub errors: Vec<String>,
 }
@@ -214,6 +245,9 @@ impl GuestReport {
             GuestLine::TripleFault => self.triple_fault = true,
             GuestLine::Halt => self.halt = true,
             GuestLine::Spin => self.spin = true,
+            GuestLine::Virtio(body) => self.virtio.push(body),
+            GuestLine::Hostile { name, outcome } => self.hostile.push((name, outcome)),
+            GuestLine::HostileDone => self.hostile_done = true,
             GuestLine::Error(reason) => self.errors.push(reason),
         }
     }
@@ -223,9 +257,85 @@ impl GuestReport {
         self.acpi_tables.iter().find(|t| t.signature == signature)
     }
 
+    /// What followed `what ` in the first `VIRTIO` line that starts so:
+    /// `virtio_result("blk sector0")` is the checksum, `virtio_result("rng")`
+    /// is `ok` when the rng gave 16 bytes not all zero.
+    pub fn virtio_result(&self, what: &str) -> Option<&str> {
+        self.virtio.iter().find_map(|l| {
+            l.strip_prefix(what)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(str::trim)
+        })
+    }
+
+    /// The `HOSTILE` lines whose outcome is not acceptable.
+    pub fn hostile_failures(&self) -> Vec<&(String, String)> {
+        self.hostile
+            .iter()
+            .filter(|(name, outcome)| !hostile_outcome_acceptable(name, outcome))
+            .collect()
+    }
+
     /// The guest started, reported without errors and asked for poweroff.
     pub fn is_clean_poweroff(&self) -> bool {
         self.ready && self.poweroff && self.errors.is_empty()
+    }
+}
+
+/// Checksum the guest reports for a sector (`VIRTIO blk sector0`): over its
+/// little-endian dwords, `sum = sum.rotate_left(5) ^ dword`.
+pub fn sector_checksum(sector: &[u8]) -> u32 {
+    sector.chunks_exact(4).fold(0, |sum, d| {
+        sum.rotate_left(5) ^ u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+    })
+}
+
+/// What `keel.mode=virtio` writes to sector 1 of the first virtio-blk disk
+/// (and reads back): dword `i` is `0x4b45454c ^ i * 0x9e3779b9`.
+pub fn written_sector() -> Vec<u8> {
+    (0..128u32)
+        .flat_map(|i| (0x4b45454c ^ i.wrapping_mul(0x9e3779b9)).to_le_bytes())
+        .collect()
+}
+
+/// Transmit queues (console, net, vsock) have no error status: a consumed
+/// request is all the guest can see.
+const TRANSMIT_DEVICES: [&str; 3] = ["console", "net", "vsock"];
+
+/// Attacks whose request is legal, or that are register garbage with no
+/// request of their own, so that completing fine (`ok`) is right too.
+const MAY_SUCCEED: [&str; 11] = [
+    "overlap",
+    "status-in-data",
+    "notify-bad",
+    "live-requeue",
+    "features-late",
+    "status-games",
+    "qsize-npot",
+    "qsize-big",
+    "qsize-zero",
+    "cfg-garbage",
+    "bar-garbage",
+];
+
+/// Whether a `HOSTILE <dev>.<attack> <outcome>` line shows a device that
+/// defended itself. The guest's outcomes: `error` (completed with an error
+/// status; for rng, nothing written), `needs-reset` (DEVICE_NEEDS_RESET),
+/// `ignored` (no answer within the guest's short bound), `ok` (completed
+/// fine), `done` (a transmit queue consumed it), `timeout` and `broken` (after
+/// a reset the device failed a well-behaved request: never acceptable).
+/// `<dev>.final` must be `ok` (`done` for transmit devices).
+pub fn hostile_outcome_acceptable(name: &str, outcome: &str) -> bool {
+    let (device, attack) = name.split_once('.').unwrap_or((name, ""));
+    let transmit = TRANSMIT_DEVICES.contains(&device);
+    if attack == "final" {
+        return outcome == "ok" || (transmit && outcome == "done");
+    }
+    match outcome {
+        "error" | "needs-reset" | "ignored" => true,
+        "done" => transmit,
+        "ok" => MAY_SUCCEED.contains(&attack),
+        _ => false,
     }
 }
 
@@ -366,6 +476,80 @@ KEEL-GUEST POWEROFF
     }
 
     #[test]
+    fn virtio_and_hostile_lines() {
+        let r = parse_report(
+            "KEEL-GUEST VIRTIO pci 00:01.0 blk\n\
+             KEEL-GUEST VIRTIO blk sector0 0xe936013\n\
+             KEEL-GUEST VIRTIO rng ok\n\
+             KEEL-GUEST HOSTILE blk.loop needs-reset\n\
+             KEEL-GUEST HOSTILE blk.overlap ok\n\
+             KEEL-GUEST HOSTILE rng.addr-max ok\n\
+             KEEL-GUEST HOSTILE console.loop done\n\
+             KEEL-GUEST HOSTILE rng.wrong-dir timeout\n\
+             KEEL-GUEST HOSTILE blk.final ok\n\
+             KEEL-GUEST HOSTILE done\n",
+        );
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.virtio_result("blk sector0"), Some("0xe936013"));
+        assert_eq!(r.virtio_result("rng"), Some("ok"));
+        assert_eq!(r.virtio_result("pci 00:01.0"), Some("blk"));
+        assert_eq!(r.virtio_result("net"), None);
+        assert_eq!(r.hostile.len(), 6);
+        assert!(r.hostile_done);
+        let failed: Vec<_> = r
+            .hostile_failures()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(failed, ["rng.addr-max", "rng.wrong-dir"]);
+        for bad in [
+            "HOSTILE blk.loop",
+            "HOSTILE loop ok",
+            "HOSTILE blk.loop ok extra",
+            "VIRTIO",
+        ] {
+            let r = parse_report(&format!("{LINE_PREFIX}{bad}\n"));
+            assert_eq!(r.errors.len(), 1, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hostile_outcomes() {
+        for (name, outcome, acceptable) in [
+            ("blk.loop", "error", true),
+            ("blk.loop", "ignored", true),
+            ("blk.loop", "needs-reset", true),
+            ("blk.loop", "ok", false),
+            ("blk.loop", "done", false),
+            ("console.loop", "done", true),
+            ("blk.overlap", "ok", true),
+            ("blk.cfg-garbage", "ok", true),
+            ("blk.cfg-garbage", "timeout", false),
+            ("blk.loop", "broken", false),
+            ("blk.final", "ok", true),
+            ("blk.final", "error", false),
+            ("console.final", "done", true),
+            ("rng.final", "ignored", false),
+        ] {
+            assert_eq!(
+                hostile_outcome_acceptable(name, outcome),
+                acceptable,
+                "{name} {outcome}"
+            );
+        }
+    }
+
+    #[test]
+    fn checksums_and_patterns() {
+        assert_eq!(sector_checksum(&[]), 0);
+        assert_eq!(sector_checksum(&[1, 0, 0, 0, 2, 0, 0, 0]), (1 << 5) ^ 2);
+        let sector = written_sector();
+        assert_eq!(sector.len(), 512);
+        assert_eq!(sector[..4], 0x4b45454cu32.to_le_bytes());
+        assert_eq!(sector[4..8], (0x4b45454cu32 ^ 0x9e3779b9).to_le_bytes());
+    }
+
+    #[test]
     fn malformed_lines_are_errors() {
         for body in [
             "MEM 0x0 0x1000",
@@ -392,6 +576,15 @@ KEEL-GUEST POWEROFF
     /// implementation of the same ABIs. QEMU is a test dependency (.ci/run
     /// installs it); without it these tests fail rather than pass unchecked.
     fn boot_in_qemu(machine: &str, mode: Mode, reboot: bool) -> (GuestReport, bool) {
+        boot_in_qemu_with(machine, mode, reboot, &[])
+    }
+
+    fn boot_in_qemu_with(
+        machine: &str,
+        mode: Mode,
+        reboot: bool,
+        extra: &[String],
+    ) -> (GuestReport, bool) {
         use std::io::Read;
         use std::process::{Command, Stdio};
         use std::time::{Duration, Instant};
@@ -412,6 +605,7 @@ KEEL-GUEST POWEROFF
         .arg("-kernel")
         .arg(guest_elf())
         .args(["-append", &mode.cmdline()])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -470,6 +664,51 @@ KEEL-GUEST POWEROFF
         assert!(r.rebooting && r.second_boot && r.boots == 2, "{r:?}");
     }
 
+    /// The virtio-pci driver against QEMU's modern-only virtio-rng, -blk and
+    /// -console (QEMU leaves BARs unassigned without firmware: the guest
+    /// assigns them).
+    #[test]
+    fn qemu_q35_virtio_devices() {
+        let dir = std::env::temp_dir().join(format!("keel-qemu-virtio-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("disk.img");
+        let console = dir.join("console.txt");
+        let image: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 512) as u8).collect();
+        std::fs::write(&disk, &image).unwrap();
+        let extra: Vec<String> = [
+            "-device",
+            "virtio-rng-pci,disable-legacy=on",
+            "-drive",
+            &format!("if=none,id=d0,format=raw,file={}", disk.display()),
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on,serial=keel-qemu",
+            "-device",
+            "virtio-serial-pci,disable-legacy=on",
+            "-chardev",
+            &format!("file,id=c0,path={}", console.display()),
+            "-device",
+            "virtconsole,chardev=c0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (r, exited) = boot_in_qemu_with("q35", Mode::Virtio, false, &extra);
+        assert!(exited && r.is_clean_poweroff(), "{r:?}");
+        let sum = format!("{:#x}", sector_checksum(&image[..512]));
+        assert_eq!(r.virtio_result("blk sector0"), Some(sum.as_str()), "{r:?}");
+        assert_eq!(r.virtio_result("blk capacity"), Some("8"), "{r:?}");
+        assert_eq!(r.virtio_result("blk write"), Some("ok"), "{r:?}");
+        assert_eq!(r.virtio_result("blk id"), Some("keel-qemu"), "{r:?}");
+        assert_eq!(r.virtio_result("rng"), Some("ok"), "{r:?}");
+        assert_eq!(r.virtio_result("console"), Some("ok"), "{r:?}");
+        assert!(r.virtio.iter().any(|l| l == "done"), "{r:?}");
+        let after = std::fs::read(&disk).unwrap();
+        assert_eq!(after[512..1024], written_sector()[..]);
+        let out = std::fs::read_to_string(&console).unwrap();
+        assert!(out.contains("hello from virtio-console"), "{out:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn qemu_q35_triple_fault() {
         let (r, exited) = boot_in_qemu("q35", Mode::TripleFault, false);
@@ -486,7 +725,7 @@ KEEL-GUEST POWEROFF
         let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
 
-        assert!(elf.len() < 8192, "the guest grew to {} bytes", elf.len());
+        assert!(elf.len() < 16384, "the guest grew to {} bytes", elf.len());
         assert_eq!(&elf[..5], b"\x7fELF\x02", "not ELF64");
         let entry = u64_at(24);
         let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56));

@@ -62,7 +62,7 @@ _start:
 	.section .bss
 	.p2align 4
 stack_bottom:
-	.skip 1024
+	.skip 8192
 stack_top:
 
 	.section .note.GNU-stack, "", @progbits

@@ -5,17 +5,15 @@
  * Booted through the PVH ABI on the boot CPU only, it reports what the VMM
  * gave it on COM1, one "KEEL-GUEST ..." line per fact (the protocol is parsed
  * by tests/src/freestanding.rs), then powers off, reboots, halts, spins or
- * triple-faults as `keel.mode=` on the command line asks.
+ * triple-faults as `keel.mode=` on the command line asks. `keel.mode=virtio`
+ * and `keel.mode=hostile` drive the virtio-pci devices first (virtio.c).
  *
  * Every guest memory access is expensive on kvm_pvm, so the code reads each
  * byte it needs once, in dwords where it can, and keeps to registers.
  * Physical addresses above 4 GiB are out of reach (paging stays off).
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "guest.h"
 
 #define COM1 0x3f8
 
@@ -71,7 +69,15 @@ struct memmap_entry {
  * write (QEMU does), and the guest should not cry failure meanwhile. */
 #define SETTLE_TSC (1ull << 28)
 
-enum mode { MODE_POWEROFF, MODE_REBOOT, MODE_TRIPLEFAULT, MODE_HALT, MODE_SPIN };
+enum mode {
+	MODE_POWEROFF,
+	MODE_REBOOT,
+	MODE_TRIPLEFAULT,
+	MODE_HALT,
+	MODE_SPIN,
+	MODE_VIRTIO,
+	MODE_HOSTILE,
+};
 
 /* What the ACPI walk found and the end of the run needs. */
 struct acpi {
@@ -80,58 +86,25 @@ struct acpi {
 	u32 slp_typ;
 };
 
-static inline void outb(u16 port, u8 val)
-{
-	__asm__ volatile("outb %0, %1" : : "a"(val), "Nd"(port));
-}
-
-static inline void outw(u16 port, u16 val)
-{
-	__asm__ volatile("outw %0, %1" : : "a"(val), "Nd"(port));
-}
-
-static inline u8 inb(u16 port)
-{
-	u8 val;
-
-	__asm__ volatile("inb %1, %0" : "=a"(val) : "Nd"(port));
-	return val;
-}
-
-static inline u8 rd8(u32 addr)
-{
-	return *(const volatile u8 *)addr;
-}
-
-static inline u32 rd32(u32 addr)
-{
-	return *(const volatile u32 *)addr;
-}
-
-static inline u64 rd64(u32 addr)
-{
-	return *(const volatile u64 *)addr;
-}
-
-static inline void putc(char c)
+void putc(char c)
 {
 	outb(COM1, (u8)c);
 }
 
-static void puts(const char *s)
+void puts(const char *s)
 {
 	while (*s)
 		putc(*s++);
 }
 
 /* Starts a report line: "KEEL-GUEST <what>". */
-static void line(const char *what)
+void line(const char *what)
 {
 	puts("KEEL-GUEST ");
 	puts(what);
 }
 
-static void put_hex(u64 v)
+void put_hex(u64 v)
 {
 	int shift = 60;
 
@@ -146,7 +119,7 @@ static void put_hex(u64 v)
 	}
 }
 
-static void put_dec(u64 v)
+void put_dec(u64 v)
 {
 	char buf[20];
 	int n = 0;
@@ -202,14 +175,6 @@ static __attribute__((noreturn)) void halt_forever(void)
 {
 	for (;;)
 		__asm__ volatile("cli; hlt");
-}
-
-static inline u64 rdtsc(void)
-{
-	u64 tsc;
-
-	__asm__ volatile("rdtsc" : "=A"(tsc));
-	return tsc;
 }
 
 static void settle(void)
@@ -297,6 +262,10 @@ static enum mode parse_mode(const char *cmdline)
 		return MODE_HALT;
 	if (word_is(v, "spin"))
 		return MODE_SPIN;
+	if (word_is(v, "virtio"))
+		return MODE_VIRTIO;
+	if (word_is(v, "hostile"))
+		return MODE_HOSTILE;
 	line("ERROR unknown keel.mode ");
 	while (*v && *v != ' ')
 		putc(*v++);
@@ -598,6 +567,12 @@ __attribute__((noreturn, used)) void keel_main(const struct start_info *si)
 			__asm__ volatile("");
 	case MODE_REBOOT:
 		reboot(&acpi);
+	case MODE_VIRTIO:
+		virtio_mode();
+		break;
+	case MODE_HOSTILE:
+		hostile_mode();
+		break;
 	case MODE_POWEROFF:
 		break;
 	}
