@@ -15,7 +15,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::layout::{HIMEM_START, RSDP_START};
-use crate::memory::GuestMemory;
+use crate::memory::{self, GuestMemory};
 
 const OEM_ID: [u8; 6] = *b"KEEL  ";
 const OEM_TABLE_ID: [u8; 8] = *b"KEELVMM ";
@@ -68,9 +68,77 @@ fn isa_device(dsdt: &mut Sdt, path: &str, hid: &dyn Aml, resources: &[&dyn Aml])
     aml::Device::new(path.into(), vec![&hid, &crs]).to_aml_bytes(dsdt);
 }
 
-fn dsdt() -> Sdt {
+/// The PCI host bridge: segment 0, bus 0, its configuration ports and the
+/// windows the OS may place BARs in.
+fn pci_host_bridge(dsdt: &mut Sdt, mem_size: u64) {
+    use acpi_tables::aml::{AddressSpace, AddressSpaceCacheable};
+    let mmio64_start = memory::pci_mmio64_start(mem_size);
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = AddressSpace::<u16>::new_io(0, 0x0cf7, None);
+    let io_high = AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio32 = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        memory::PCI_MMIO32_START as u32,
+        (memory::PCI_MMIO32_START + memory::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mmio64 = AddressSpace::<u64>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64_start,
+        mmio64_start + memory::PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![
+        &bus,
+        &config_ports,
+        &io_low,
+        &io_high,
+        &mmio32,
+        &mmio64,
+    ]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new(
+        "\\_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(dsdt);
+    // ECAM is a motherboard resource: reserved for the bridge, not free.
+    let ecam = aml::Memory32Fixed::new(
+        false,
+        memory::PCI_ECAM_START as u32,
+        memory::PCI_ECAM_RESERVED as u32,
+    );
+    isa_device(
+        dsdt,
+        "\\_SB_.MRES",
+        &aml::EISAName::new("PNP0C02"),
+        &[&ecam],
+    );
+}
+
+/// MCFG: where ECAM for segment 0, bus 0 lives.
+fn mcfg() -> Sdt {
+    let mut mcfg = Sdt::new(*b"MCFG", 44, 1, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.append_slice(&memory::PCI_ECAM_START.to_le_bytes());
+    // Segment 0, buses 0..=0, reserved.
+    mcfg.append_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    mcfg.update_checksum();
+    mcfg
+}
+
+fn dsdt(mem_size: u64) -> Sdt {
     use legacy::{cmos, pvpanic, serial};
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    pci_host_bridge(&mut dsdt, mem_size);
     isa_device(
         &mut dsdt,
         "\\_SB_.COM1",
@@ -167,7 +235,7 @@ fn xsdt(entries: &[u64]) -> Sdt {
 }
 
 /// Writes the tables at [`RSDP_START`] and returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig) -> Result<u64, AcpiError> {
+pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig, mem_size: u64) -> Result<u64, AcpiError> {
     let align = |addr: u64| (addr + 15) & !15;
     let mut next = align(RSDP_START + Rsdp::len() as u64);
     let mut place = |len: usize| {
@@ -176,13 +244,15 @@ pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig) -> Result<u64, AcpiErr
         at
     };
 
-    let dsdt = dsdt();
+    let dsdt = dsdt(mem_size);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
     let madt = madt(cpus);
     let madt_addr = place(madt.len());
-    let xsdt = xsdt(&[fadt_addr, madt_addr]);
+    let mcfg = mcfg();
+    let mcfg_addr = place(mcfg.len());
+    let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
     let xsdt_addr = place(xsdt.len());
     if next > HIMEM_START {
         return Err(AcpiError::TooLarge(next - RSDP_START));
@@ -196,6 +266,7 @@ pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig) -> Result<u64, AcpiErr
         (dsdt.as_slice(), dsdt_addr),
         (fadt.as_slice(), fadt_addr),
         (madt.as_slice(), madt_addr),
+        (mcfg.as_slice(), mcfg_addr),
         (xsdt.as_slice(), xsdt_addr),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -226,8 +297,12 @@ mod tests {
             .filter(|e| e[0] == MADT_LOCAL_APIC && e[4] & 1 == 1)
             .count();
         assert_eq!(enabled, 2);
-        let dsdt = dsdt();
+        let dsdt = dsdt(512 << 20);
         assert!(checksum_ok(dsdt.as_slice()));
+        assert!(dsdt.as_slice().windows(4).any(|w| w == b"PCI0"));
+        let mcfg = mcfg();
+        assert!(checksum_ok(mcfg.as_slice()));
+        assert_eq!(mcfg.len(), 60);
         let body = dsdt.as_slice();
         let s5 = body.windows(4).position(|w| w == b"_S5_").unwrap();
         // PackageOp, length, 4 elements, BytePrefix 5.
@@ -241,7 +316,7 @@ mod tests {
     #[test]
     fn rsdp_points_at_xsdt_that_lists_the_tables() {
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
-        let rsdp = write_tables(&mem, &CpusConfig::default()).unwrap();
+        let rsdp = write_tables(&mem, &CpusConfig::default(), 16 << 20).unwrap();
         let mut head = [0u8; 36];
         mem.read_slice(&mut head, GuestAddress(rsdp)).unwrap();
         assert_eq!(&head[..8], b"RSD PTR ");

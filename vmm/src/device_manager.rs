@@ -1,7 +1,8 @@
 //! Builds the machine's devices, puts them on the buses and wires their
 //! interrupts. Devices live as long as the process: a guest reset gets a
 //! fresh VM (memory, vCPUs, interrupt controller) but keeps its devices, so
-//! the CMOS NVRAM and the console survive a reboot as they would on a PC.
+//! the CMOS NVRAM and the console survive a reboot as they would on a PC,
+//! and disks, taps and sockets stay open.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -11,12 +12,20 @@ use std::sync::{Arc, Mutex};
 use keel_api::{ConsoleOutputMode, VmConfig};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
+use keel_devices::pci::root::{CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE};
+use keel_devices::pci::{ConfigIo, ConfigMmio, PciError, PciSegment};
+use keel_devices::virtio::VirtioDevice;
+use keel_devices::virtio::pci::{BAR_SIZE, TransportError, VirtioPciDevice};
+use keel_devices::vm_link::VmLink;
 use keel_devices::{Bus, BusError, PlatformEvents, acpi_pm, bus::SharedDevice};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
+use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use crate::console::ConsoleOutput;
 use crate::cpu::Buses;
+use crate::memory::{self, GuestMemory};
+use crate::vm_link::{KvmLink, LinkError};
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -40,23 +49,35 @@ pub enum DeviceError {
     Irqfd {
         gsi: u32,
         #[source]
-        source: kvm_ioctls::Error,
+        source: io::Error,
     },
+    #[error("Cannot connect the devices to the new VM")]
+    Link(#[from] LinkError),
+    #[error("No room left in the PCI MMIO window for {0}")]
+    BarSpace(&'static str),
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Rng(#[from] keel_devices::virtio::rng::RngError),
 }
 
 pub struct DeviceManager {
     buses: Buses,
+    link: Arc<KvmLink>,
     serial: Option<Arc<Mutex<Serial>>>,
-    /// Interrupt lines to connect to each new VM: (GSI, eventfd).
-    interrupts: Vec<(u32, Interrupt)>,
     serial_output: Option<ConsoleOutput>,
+    pci: Arc<Mutex<PciSegment>>,
+    bar_space: AddressAllocator,
+    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl DeviceManager {
     pub fn new(config: &VmConfig, events: Arc<dyn PlatformEvents>) -> Result<Self, DeviceError> {
-        let mut io = Bus::new();
-        let mut interrupts = Vec::new();
-        let mut insert = |name, device: SharedDevice, port: u16, len| {
+        let io = Bus::new();
+        let link = Arc::new(KvmLink::new());
+        let insert = |name, device: SharedDevice, port: u16, len| {
             io.insert(device, u64::from(port), len)
                 .map_err(|source| DeviceError::Bus { name, source })
         };
@@ -64,10 +85,9 @@ impl DeviceManager {
         let (serial, serial_output) = match serial_sink(config)? {
             Some(sink) => {
                 let interrupt = Interrupt::new().map_err(DeviceError::Interrupt)?;
-                interrupts.push((
-                    legacy::serial::COM1_IRQ,
-                    interrupt.try_clone().map_err(DeviceError::Interrupt)?,
-                ));
+                let gsi = legacy::serial::COM1_IRQ;
+                link.add_irqfd(gsi, interrupt.event())
+                    .map_err(|source| DeviceError::Irqfd { gsi, source })?;
                 let (writer, output): (Box<dyn Write + Send>, _) = match sink {
                     Sink::Discard => (Box::new(io::sink()), None),
                     Sink::Deliver(to) => {
@@ -118,15 +138,61 @@ impl DeviceManager {
             acpi_pm::LEN,
         )?;
 
-        Ok(DeviceManager {
+        let mmio = Arc::new(Bus::new());
+        let pci = Arc::new(Mutex::new(PciSegment::new(mmio.clone())));
+        insert(
+            "the PCI configuration ports",
+            Arc::new(Mutex::new(ConfigIo::new(pci.clone()))),
+            CONFIG_IO_PORT,
+            CONFIG_IO_LEN,
+        )?;
+        mmio.insert(
+            Arc::new(Mutex::new(ConfigMmio::new(pci.clone()))),
+            memory::PCI_ECAM_START,
+            ECAM_BUS_SIZE,
+        )
+        .map_err(|source| DeviceError::Bus {
+            name: "PCI ECAM",
+            source,
+        })?;
+        let bar_space = AddressAllocator::new(memory::PCI_MMIO32_START, memory::PCI_MMIO32_SIZE)
+            .map_err(|_| DeviceError::BarSpace("the PCI window"))?;
+
+        let mut manager = DeviceManager {
             buses: Buses {
                 io: Arc::new(io),
-                mmio: Arc::new(Bus::new()),
+                mmio,
             },
+            link,
             serial,
-            interrupts,
             serial_output,
-        })
+            pci,
+            bar_space,
+            virtio: Vec::new(),
+        };
+        for device in virtio_devices(config)? {
+            manager.add_virtio(device)?;
+        }
+        Ok(manager)
+    }
+
+    /// Puts a virtio device on the PCI bus behind its own transport.
+    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), DeviceError> {
+        let name = device.name();
+        let range = self
+            .bar_space
+            .allocate(BAR_SIZE, BAR_SIZE, AllocPolicy::FirstMatch)
+            .map_err(|_| DeviceError::BarSpace(name))?;
+        let link: Arc<dyn VmLink> = self.link.clone();
+        let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
+            device,
+            range.start(),
+            link,
+        )?));
+        let slot = keel_devices::bus::lock(&self.pci).add(transport.clone())?;
+        log::info!("{name} at PCI 00:{slot:02x}.0, BAR0 {:#x}", range.start());
+        self.virtio.push(transport);
+        Ok(())
     }
 
     pub fn buses(&self) -> Buses {
@@ -137,21 +203,39 @@ impl DeviceManager {
         self.serial.clone()
     }
 
-    /// Connects the devices' interrupt lines to a newly created VM.
-    pub fn attach(&self, vm: &VmFd) -> Result<(), DeviceError> {
-        for (gsi, interrupt) in &self.interrupts {
-            vm.register_irqfd(interrupt.event(), *gsi)
-                .map_err(|source| DeviceError::Irqfd { gsi: *gsi, source })?;
+    /// Connects the devices to a newly created VM: interrupt lines,
+    /// doorbells and guest memory.
+    pub fn attach(&self, vm: Arc<VmFd>, memory: &GuestMemory) -> Result<(), DeviceError> {
+        self.link.attach(vm)?;
+        for transport in &self.virtio {
+            keel_devices::bus::lock(transport).set_memory(memory.clone());
         }
         Ok(())
     }
 
-    /// Delivers all pending console output.
+    /// The machine was reset or switched off: every device back to its
+    /// power-on state (queue workers stopped), the old VM let go.
+    pub fn reset(&self) {
+        keel_devices::bus::lock(&self.pci).reset();
+        self.link.detach();
+    }
+
+    /// Stops every device and delivers all pending console output.
     pub fn finish(&mut self) {
+        self.reset();
         if let Some(output) = self.serial_output.as_mut() {
             output.finish();
         }
     }
+}
+
+/// The virtio devices the configuration asks for, in PCI slot order.
+fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(rng) = &config.rng {
+        devices.push(Box::new(keel_devices::virtio::rng::Rng::new(rng)?));
+    }
+    Ok(devices)
 }
 
 enum Sink {

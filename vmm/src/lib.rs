@@ -13,6 +13,7 @@ pub mod logger;
 pub mod memory;
 pub mod terminal;
 pub mod vm;
+pub mod vm_link;
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
@@ -114,6 +115,7 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         };
         log::debug!("Control event: {event:?}");
         running.stop();
+        devices.reset();
         let event = match event {
             VmEvent::VcpuStopped {
                 reason: VcpuStop::Platform(event),

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use keel_api::{
-    ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, VmConfig, VsockConfig,
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
+    PayloadConfig, RngConfig, VmConfig, VsockConfig,
 };
 use keel_vmm::Outcome;
 
@@ -39,9 +39,9 @@ struct Cli {
     /// Guest RAM (K/M/G suffixes).
     #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
     memory: String,
-    /// Where the COM1 UART goes.
-    #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "tty")]
-    serial: String,
+    /// Where the COM1 UART goes [default: tty, or null with --console tty].
+    #[arg(long, value_name = "off|null|tty|file=PATH")]
+    serial: Option<String>,
     /// Where the virtio console (the guest's hvc0) goes.
     #[arg(long, value_name = "off|null|tty|file=PATH", default_value = "off")]
     console: String,
@@ -73,6 +73,14 @@ struct Cli {
 
 impl Cli {
     fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let console = ConsoleConfig::parse("console", &self.console)?;
+        // The terminal goes to one console only: the virtio console when it
+        // asks for it, else the UART. Both explicitly on tty is refused.
+        let serial = match (&self.serial, console.mode) {
+            (Some(serial), _) => ConsoleConfig::parse("serial", serial)?,
+            (None, ConsoleOutputMode::Tty) => ConsoleConfig::mode(ConsoleOutputMode::Null),
+            (None, _) => ConsoleConfig::mode(ConsoleOutputMode::Tty),
+        };
         let config = VmConfig {
             cpus: CpusConfig::parse(&self.cpus)?,
             memory: MemoryConfig::parse(&self.memory)?,
@@ -81,8 +89,8 @@ impl Cli {
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
-            serial: ConsoleConfig::parse("serial", &self.serial)?,
-            console: ConsoleConfig::parse("console", &self.console)?,
+            serial,
+            console,
             disks: self
                 .disk
                 .iter()

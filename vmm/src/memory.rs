@@ -15,6 +15,27 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
 
+/// The 32-bit hole, from the bottom: PCI BARs, then PCI configuration
+/// space (ECAM), then the IOAPIC and local APIC pages at 0xFEC00000+.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// ECAM for bus 0 (1 MiB); the 256 MiB a full segment would use are
+/// reserved so more buses can come later.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_RESERVED: u64 = 0x1000_0000;
+/// 64-bit BARs go above RAM, in a window this large.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// Where the 64-bit PCI window starts for `mem_size` bytes of RAM: the
+/// first 1 GiB boundary above the end of RAM (and above 4 GiB).
+pub fn pci_mmio64_start(mem_size: u64) -> u64 {
+    let ram_end = match ram_ranges(mem_size).last() {
+        Some((start, len)) => start.0 + *len as u64,
+        None => MMIO_HOLE_END,
+    };
+    ram_end.max(MMIO_HOLE_END).next_multiple_of(1 << 30)
+}
+
 #[derive(Debug, Error)]
 pub enum MemoryError {
     #[error(

@@ -2,6 +2,7 @@
 //! controller and vCPUs, loaded with the kernel and ready to run. A guest
 //! reset throws this away and builds a new one.
 
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
 use keel_api::VmConfig;
@@ -92,7 +93,7 @@ impl Hypervisor {
 }
 
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     // Must outlive every vCPU: KVM maps it into the guest.
     memory: GuestMemory,
     vcpus: Vec<Vcpu>,
@@ -146,7 +147,7 @@ impl Vm {
 fn load_guest_image(config: &VmConfig, memory: &GuestMemory) -> Result<EntryPoint, VmError> {
     let entry = boot::load_payload(memory, &config.payload, config.memory.size)?;
     boot::regs::write_boot_tables(memory, entry)?;
-    acpi::write_tables(memory, &config.cpus)?;
+    acpi::write_tables(memory, &config.cpus, config.memory.size)?;
     Ok(entry)
 }
 
@@ -155,8 +156,8 @@ fn create_kvm_vm(
     hypervisor: &Hypervisor,
     devices: &DeviceManager,
     memory: &GuestMemory,
-) -> Result<VmFd, VmError> {
-    let fd = hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?;
+) -> Result<Arc<VmFd>, VmError> {
+    let fd = Arc::new(hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?);
     let setup = |what| move |source| VmError::Setup { what, source };
     // Memory first: once the in-kernel irqchip exists, KVM waits for an
     // RCU grace period on every memslot change (~5 ms here, 0.3 ms before).
@@ -166,7 +167,7 @@ fn create_kvm_vm(
     fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
         .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
     fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-    devices.attach(&fd)?;
+    devices.attach(fd.clone(), memory)?;
     Ok(fd)
 }
 
@@ -192,7 +193,7 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
 pub struct RunningVm {
     threads: Option<VcpuThreads>,
     // Dropped after the threads are joined (field order).
-    _fd: VmFd,
+    _fd: Arc<VmFd>,
     _memory: GuestMemory,
 }
 

@@ -305,6 +305,13 @@ pub fn memory_map(mem_size: u64) -> Vec<MemoryMapEntry> {
             kind: E820_RAM,
         });
     }
+    // PCI configuration space must be marked reserved, or Linux will not
+    // use ECAM ("MMCONFIG ... not reserved in ACPI motherboard resources").
+    map.push(MemoryMapEntry {
+        addr: memory::PCI_ECAM_START,
+        size: memory::PCI_ECAM_RESERVED,
+        kind: E820_RESERVED,
+    });
     if mem_size > low_end {
         map.push(MemoryMapEntry {
             addr: memory::MMIO_HOLE_END,
