@@ -61,6 +61,8 @@ pub enum DeviceError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Rng(#[from] keel_devices::virtio::rng::RngError),
+    #[error(transparent)]
+    Net(#[from] keel_devices::virtio::net::NetError),
 }
 
 pub struct DeviceManager {
@@ -234,6 +236,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Devic
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(rng) = &config.rng {
         devices.push(Box::new(keel_devices::virtio::rng::Rng::new(rng)?));
+    }
+    for (index, net) in config.net.iter().enumerate() {
+        devices.push(Box::new(keel_devices::virtio::net::Net::new(net, index)?));
     }
     Ok(devices)
 }
