@@ -714,3 +714,24 @@ fn activated_device_moves_frames_both_ways_on_its_worker() {
     assert_eq!(state["tap"], name.as_str());
     net.reset();
 }
+
+#[test]
+fn the_kernel_accepts_every_offload_set_we_derive() {
+    let tap = Tap::open(Some(&unique_tap()), false).unwrap();
+    let guest = [
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+    ];
+    for mask in 0..(1u32 << guest.len()) {
+        let acked = guest
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .fold(0u64, |a, (_, f)| a | bit(*f));
+        tap.set_offload(tap_offloads(acked))
+            .unwrap_or_else(|e| panic!("features {acked:#x}: {e}"));
+    }
+}
