@@ -498,6 +498,9 @@ impl<B: AsRawFd> QueuePair<B> {
         let qi = self.rx_index;
         let mut out = RxOutcome::default();
         let mut done = 0usize;
+        // While there are buffers the driver need not kick RX; running out
+        // re-arms the kick (arm_rx_kick).
+        self.rx.disable_notification(mem).map_err(ring_err(qi))?;
         loop {
             if done >= BUDGET {
                 out.more = true;
@@ -572,13 +575,6 @@ impl<B: AsRawFd> QueuePair<B> {
             bump(&self.counters.rx_bytes, (n - VNET_HDR_LEN) as u64);
         }
         Ok(out)
-    }
-
-    /// Stops asking the driver for RX kicks (while buffers are plentiful).
-    pub fn quiet_rx(&mut self, mem: &GuestMemory) -> Result<(), NetQueueError> {
-        self.rx
-            .disable_notification(mem)
-            .map_err(ring_err(self.rx_index))
     }
 
     /// The next avail position of the RX queue (for tests).

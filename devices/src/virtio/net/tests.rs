@@ -735,3 +735,30 @@ fn the_kernel_accepts_every_offload_set_we_derive() {
             .unwrap_or_else(|e| panic!("features {acked:#x}: {e}"));
     }
 }
+
+#[test]
+fn a_starved_rx_queue_asks_for_the_next_buffer_with_event_idx() {
+    let mem = memory();
+    let (ours, peer) = socketpair();
+    let mut r = rig(&mem, ours, pair_config(true, 1500));
+    r.pair.rx.set_event_idx(true);
+    // One 512-byte buffer cannot take a 1500-byte frame: left in the ring.
+    add_chain(&r.rxq, 0, &[(BUFS, 512, true)]);
+    let mut d = vec![0u8; 12];
+    d.extend_from_slice(&frame(100, 6));
+    peer.send(&d).unwrap();
+    let out = r.pair.process_rx(&mem).unwrap();
+    assert!(out.starved && !out.used);
+    assert_eq!(r.pair.rx_next_avail(), 0);
+    // avail_event (after the used ring) points past the buffer we left, so
+    // the driver's next buffer kicks us.
+    let avail_event = GuestAddress(r.rxq.used_addr().0 + 4 + 8 * u64::from(QSIZE));
+    assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 1);
+    for i in 1..3u16 {
+        add_chain(&r.rxq, i, &[(BUFS + u64::from(i) * 0x1000, 512, true)]);
+    }
+    let out = r.pair.process_rx(&mem).unwrap();
+    assert!(out.used);
+    assert_eq!(used(&mem, &r.rxq, 0), (0, 112));
+    assert_eq!(r.pair.rx_next_avail(), 1);
+}
