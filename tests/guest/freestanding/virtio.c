@@ -75,8 +75,10 @@ enum { T_NET = 1, T_BLK = 2, T_CONSOLE = 3, T_RNG = 4, T_VSOCK = 19 };
 #define BLK_OUT 1
 #define BLK_GET_ID 8
 
-/* Each device's rings and buffers: 64 KiB of RAM from 4 MiB up. */
+/* Each device's rings and buffers: 128 KiB of RAM from 4 MiB up (an rng
+ * may fill up to 64 KiB of a buffer that claims 4 GiB). */
 #define DEV_RAM 0x400000
+#define DEV_RAM_EACH 0x20000
 #define DESC 0x0000
 #define AVAIL 0x1000
 #define USED 0x2000
@@ -264,7 +266,7 @@ static void enumerate(struct ctx *c)
 		d->type = devid - 0x1040;
 		/* Transmit queues for console, net and vsock; the only one else. */
 		d->q = d->type == T_CONSOLE || d->type == T_NET || d->type == T_VSOCK;
-		d->mem = DEV_RAM + c->n * 0x10000;
+		d->mem = DEV_RAM + c->n * DEV_RAM_EACH;
 		setup_bars(c, d);
 		walk_caps(d);
 		line("VIRTIO pci 00:");
