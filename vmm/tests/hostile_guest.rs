@@ -217,6 +217,16 @@ fn hostile_guest_against_console() {
     assert!(s.console_output().contains("hello from virtio-console"));
 }
 
+/// virtio-net on a TAP this test creates (keel-vmm needs CAP_NET_ADMIN, as
+/// the lab and CI have): the guest's transmit queue is attacked; frames it
+/// sends go out on the tap, which is down.
+#[test]
+fn hostile_guest_against_net() {
+    let tap = format!("tap=kh{}", std::process::id() % 100_000);
+    let (_, _, attacked) = hostile("net", &["--net", &tap]);
+    assert_eq!(attacked, ["net"]);
+}
+
 /// All devices at once: attacks on one must not disturb the others, which
 /// serve well-behaved requests at the end (`<dev>.final`).
 #[test]

@@ -87,6 +87,7 @@ enum { T_NET = 1, T_BLK = 2, T_CONSOLE = 3, T_RNG = 4, T_VSOCK = 19 };
 #define STATUS 0x4800
 #define DATA 0x5000
 #define DATA2 0x6000
+#define SIDE 0x7000		/* rings of the other queues, 0x400 each */
 #define QSIZE 8
 
 /* TSC bounds: ~13 ms for an attack's answer, ~1.6 s for a good request. */
@@ -332,12 +333,49 @@ static int begin(struct vdev *d, int features_ok)
 	return status(d) & S_FEATURES_OK ? 0 : -1;
 }
 
-/* Programs queue d->q with `size` entries and its rings at lo:hi (this
- * device's RAM when hi is 0 and lo is d->mem) and enables it. */
-static int queue(struct vdev *d, u32 size, u32 lo, u32 hi)
+/* How many queues the device needs enabled to work (receive queues stay
+ * empty: no buffers are offered). */
+static u32 queues_needed(struct vdev *d)
+{
+	switch (d->type) {
+	case T_NET:
+	case T_CONSOLE:
+		return 2;
+	case T_VSOCK:
+		return 3;
+	}
+	return 1;
+}
+
+/* Enables queue `q` with QSIZE (or fewer) entries and empty rings at `at`. */
+static void side_queue(struct vdev *d, u32 q, u32 at)
 {
 	u32 cc = d->common, max;
 
+	wr16(cc + CC_QSELECT, (u16)q);
+	max = rd16(cc + CC_QSIZE);
+	if (!max)
+		return;
+	wr16(cc + CC_QSIZE, (u16)(max < QSIZE ? max : QSIZE));
+	wr16(cc + CC_QMSIX, NO_VECTOR);
+	wr32(at + 0x100, 0);
+	wr32(at + 0x200, 0);
+	wr64(cc + CC_QDESC, at, 0);
+	wr64(cc + CC_QDRIVER, at + 0x100, 0);
+	wr64(cc + CC_QDEVICE, at + 0x200, 0);
+	wr16(cc + CC_QENABLE, 1);
+}
+
+/* Programs queue d->q with `size` entries and its rings at lo:hi (this
+ * device's RAM when hi is 0 and lo is d->mem) and enables it, and the
+ * device's other queues with their own empty rings. */
+static int queue(struct vdev *d, u32 size, u32 lo, u32 hi)
+{
+	u32 cc = d->common, max, numq = rd16(cc + CC_NUMQ), need = queues_needed(d);
+
+	for (u32 q = 0; q < need && q < numq; q++)
+		if (q != d->q)
+			side_queue(d, q, d->mem + SIDE + 0x400 * q);
 	wr16(cc + CC_QSELECT, (u16)d->q);
 	max = rd16(cc + CC_QSIZE);
 	if (!max)
@@ -625,7 +663,9 @@ static void exercise(struct ctx *c)
 
 			line("VIRTIO ");
 			puts(type_name(d->type));
-			puts(good(r) ? " ok\n" : " failed\n");
+			putc(' ');
+			puts(good(r) ? "ok" : r);
+			putc('\n');
 		}
 		reset(d);
 	}
