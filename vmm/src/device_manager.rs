@@ -4,12 +4,13 @@
 //! the CMOS NVRAM and the console survive a reboot as they would on a PC,
 //! and disks, taps and sockets stay open.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use keel_api::{ConsoleOutputMode, VmConfig};
+use keel_api::{ConsoleConfig, ConsoleOutputMode, VmConfig};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
 use keel_devices::pci::root::{CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE};
@@ -63,6 +64,16 @@ pub enum DeviceError {
     Rng(#[from] keel_devices::virtio::rng::RngError),
     #[error(transparent)]
     Net(#[from] keel_devices::virtio::net::NetError),
+    #[error("Cannot open console output file {path}")]
+    ConsoleFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot create the pipe that carries terminal input to the virtio console")]
+    ConsolePipe(#[source] io::Error),
+    #[error(transparent)]
+    Console(#[from] keel_devices::virtio::console::ConsoleError),
 }
 
 pub struct DeviceManager {
@@ -73,6 +84,10 @@ pub struct DeviceManager {
     pci: Arc<Mutex<PciSegment>>,
     bar_space: AddressAllocator,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    console_output: Option<ConsoleOutput>,
+    /// With `--console tty`: where the terminal's keystrokes go (the other
+    /// end is the virtio console's input).
+    console_input: Option<File>,
 }
 
 impl DeviceManager {
@@ -84,7 +99,9 @@ impl DeviceManager {
                 .map_err(|source| DeviceError::Bus { name, source })
         };
 
-        let (serial, serial_output) = match serial_sink(config)? {
+        let serial_sink = sink(&config.serial)
+            .map_err(|(path, source)| DeviceError::SerialFile { path, source })?;
+        let (serial, serial_output) = match serial_sink {
             Some(sink) => {
                 let interrupt = Interrupt::new().map_err(DeviceError::Interrupt)?;
                 let gsi = legacy::serial::COM1_IRQ;
@@ -171,10 +188,13 @@ impl DeviceManager {
             pci,
             bar_space,
             virtio: Vec::new(),
+            console_output: None,
+            console_input: None,
         };
         for device in virtio_devices(config)? {
             manager.add_virtio(device)?;
         }
+        manager.add_console(&config.console)?;
         Ok(manager)
     }
 
@@ -195,6 +215,46 @@ impl DeviceManager {
         log::info!("{name} at PCI 00:{slot:02x}.0, BAR0 {:#x}", range.start());
         self.virtio.push(transport);
         Ok(())
+    }
+
+    /// The virtio console (`--console`), the guest's hvc0. With `tty` its
+    /// input comes from the terminal through a pipe
+    /// ([`take_console_input`](Self::take_console_input)), and the guest
+    /// learns the terminal's size.
+    fn add_console(&mut self, config: &ConsoleConfig) -> Result<(), DeviceError> {
+        use keel_devices::virtio::console::Console;
+        let Some(sink) =
+            sink(config).map_err(|(path, source)| DeviceError::ConsoleFile { path, source })?
+        else {
+            return Ok(());
+        };
+        let output: Box<dyn Write + Send> = match sink {
+            Sink::Discard => Box::new(io::sink()),
+            Sink::Deliver(to) => {
+                let output = ConsoleOutput::new(to).map_err(DeviceError::ConsoleThread)?;
+                let writer = output.writer();
+                self.console_output = Some(output);
+                Box::new(writer)
+            }
+        };
+        let console = if config.mode == ConsoleOutputMode::Tty {
+            let (read, write) = input_pipe().map_err(DeviceError::ConsolePipe)?;
+            self.console_input = Some(write);
+            let console = Console::new(output, Some(read))?;
+            match terminal_size() {
+                Some((cols, rows)) => console.with_size(cols, rows),
+                None => console,
+            }
+        } else {
+            Console::new(output, None)?
+        };
+        self.add_virtio(Box::new(console))
+    }
+
+    /// The write end of the virtio console's input (`--console tty`), for
+    /// the thread that reads the terminal.
+    pub fn take_console_input(&mut self) -> Option<File> {
+        self.console_input.take()
     }
 
     pub fn buses(&self) -> Buses {
@@ -225,8 +285,10 @@ impl DeviceManager {
     /// Stops every device and delivers all pending console output.
     pub fn finish(&mut self) {
         self.reset();
-        if let Some(output) = self.serial_output.as_mut() {
-            output.finish();
+        for output in [&mut self.serial_output, &mut self.console_output] {
+            if let Some(output) = output.as_mut() {
+                output.finish();
+            }
         }
     }
 }
@@ -248,19 +310,48 @@ enum Sink {
     Deliver(Box<dyn Write + Send>),
 }
 
-fn serial_sink(config: &VmConfig) -> Result<Option<Sink>, DeviceError> {
-    Ok(match config.serial.mode {
+/// Where a console's output goes (`--serial`, `--console`); a file that
+/// cannot be opened comes back with its path.
+fn sink(config: &ConsoleConfig) -> Result<Option<Sink>, (PathBuf, io::Error)> {
+    Ok(match config.mode {
         ConsoleOutputMode::Off => None,
         ConsoleOutputMode::Null => Some(Sink::Discard),
         ConsoleOutputMode::Tty => Some(Sink::Deliver(Box::new(io::stdout()))),
         ConsoleOutputMode::File => {
-            let path = config.serial.file.clone().unwrap_or_default();
+            let path = config.file.clone().unwrap_or_default();
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
-                .map_err(|source| DeviceError::SerialFile { path, source })?;
+                .map_err(|source| (path, source))?;
             Some(Sink::Deliver(Box::new(file)))
         }
     })
+}
+
+/// A pipe for terminal input: (read end for the device, non-blocking write
+/// end for the terminal thread, so a guest that reads nothing cannot stall
+/// the quit keys).
+fn input_pipe() -> io::Result<(OwnedFd, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by no one else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETFL on a descriptor we own.
+    if unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((read, write))
+}
+
+/// The terminal's size (columns, rows), when stdout is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: a zeroed winsize is a valid buffer for TIOCGWINSZ to fill.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize to the valid pointer given.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    (ok && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
 }

@@ -95,12 +95,20 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
 
     let (events_tx, events) = mpsc::channel();
     let mut devices = DeviceManager::new(config, Arc::new(EventSender(events_tx.clone())))?;
+    // The terminal's keys go to whichever console has it (validate() lets
+    // only one have it).
     let _raw_terminal = match (config.serial.mode, devices.serial()) {
         (ConsoleOutputMode::Tty, Some(serial)) => {
             terminal::spawn_input(serial, events_tx.clone()).map_err(Error::ConsoleInput)?;
             terminal::RawTerminal::enable()
         }
-        _ => None,
+        _ => match devices.take_console_input() {
+            Some(pipe) => {
+                terminal::spawn_input_pipe(pipe, events_tx.clone()).map_err(Error::ConsoleInput)?;
+                terminal::RawTerminal::enable()
+            }
+            None => None,
+        },
     };
 
     let mut boots = 0u32;

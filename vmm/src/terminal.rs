@@ -1,13 +1,15 @@
-//! The host terminal as the guest's serial console: raw mode while the VM
-//! runs (restored on every way out), and keyboard input fed to the UART.
+//! The host terminal as the guest's console: raw mode while the VM runs
+//! (restored on every way out), and keyboard input fed to the UART or, with
+//! `--console tty`, to the virtio console through a pipe.
 //!
 //! `Ctrl-A x` quits keel-vmm; `Ctrl-A Ctrl-A` sends a literal Ctrl-A.
 
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_devices::bus::lock;
 use keel_devices::legacy::Serial;
@@ -74,6 +76,45 @@ impl Drop for RawTerminal {
 
 /// Feeds stdin to the UART until stdin closes; `Ctrl-A x` asks to quit.
 pub fn spawn_input(serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) -> io::Result<()> {
+    spawn_reader(move |bytes| feed(&serial, bytes), events)
+}
+
+/// Feeds stdin into `pipe` (the virtio console's input) until stdin
+/// closes; `Ctrl-A x` asks to quit. `pipe` must be non-blocking: input the
+/// guest does not take within [`PIPE_PATIENCE`] is dropped, so the quit
+/// keys keep working whatever the guest does.
+pub fn spawn_input_pipe(mut pipe: File, events: Sender<VmEvent>) -> io::Result<()> {
+    spawn_reader(move |bytes| feed_pipe(&mut pipe, bytes), events)
+}
+
+const PIPE_PATIENCE: Duration = Duration::from_secs(1);
+
+fn feed_pipe(pipe: &mut File, mut bytes: &[u8]) {
+    let start = Instant::now();
+    while !bytes.is_empty() {
+        match pipe.write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if start.elapsed() > PIPE_PATIENCE {
+                    log::debug!(
+                        "Console input: the guest is not reading; {} bytes dropped",
+                        bytes.len()
+                    );
+                    return;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            // The console is gone: nothing reads the input any more.
+            Err(_) => return,
+        }
+    }
+}
+
+fn spawn_reader(
+    mut deliver: impl FnMut(&[u8]) + Send + 'static,
+    events: Sender<VmEvent>,
+) -> io::Result<()> {
     thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
@@ -101,7 +142,7 @@ pub fn spawn_input(serial: Arc<Mutex<Serial>>, events: Sender<VmEvent>) -> io::R
                         (false, _) => out.push(b),
                     }
                 }
-                feed(&serial, &out);
+                deliver(&out);
             }
         })?;
     Ok(())

@@ -99,6 +99,10 @@ fn unknown_or_malformed_options() {
     rejects(&["--kernel"], "--kernel");
     rejects(&["--kernel", guest(), "--serial", "pty"], "--serial");
     rejects(&["--kernel", guest(), "--console", "file="], "--console");
+    rejects(
+        &["--kernel", guest(), "--serial", "tty", "--console", "tty"],
+        "both want the terminal",
+    );
 }
 
 /// A scratch disk image, removed on drop.

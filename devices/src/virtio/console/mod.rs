@@ -999,7 +999,7 @@ mod tests {
         assert_eq!(rx.used(3), (4, 16));
         drop(write);
         let mut rest = Vec::new();
-        let mut file = File::from(w.input.as_ref().unwrap().file.try_clone().unwrap());
+        let mut file = w.input.as_ref().unwrap().file.try_clone().unwrap();
         file.read_to_end(&mut rest).unwrap();
         assert_eq!(rest.len(), 24);
     }
