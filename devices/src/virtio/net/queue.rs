@@ -32,8 +32,9 @@ use crate::GuestMemory;
 pub const MAX_FRAME_LEN: usize = 65550;
 /// Largest chain: header plus frame.
 pub const MAX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Most iovec entries one readv/writev takes (UIO_MAXIOV).
-const MAX_IOVECS: usize = 1024;
+/// Most iovec entries a chain (or the chains of one received frame) may
+/// need: UIO_MAXIOV (1024) less one for the RX overflow byte.
+const MAX_IOVECS: usize = 1023;
 /// Frames handled per wake-up before the worker looks at its other fds.
 const BUDGET: usize = 256;
 /// Byte offset of `num_buffers` in `virtio_net_hdr_v1`.
@@ -165,6 +166,9 @@ pub struct QueuePair<B> {
     counters: Arc<NetCounters>,
     iov: IoVecs,
     rx_chains: Vec<RxChain>,
+    /// One byte past the guest's buffers on every read: a frame that
+    /// reaches it did not fit (the tap truncates silently).
+    overflow: Box<[u8; 1]>,
 }
 
 /// Settings a [`QueuePair`] takes from negotiation.
@@ -290,8 +294,9 @@ impl<B: AsRawFd> QueuePair<B> {
             mrg_rxbuf: config.mrg_rxbuf,
             rx_needed,
             counters,
-            iov: IoVecs(Vec::with_capacity(MAX_IOVECS)),
+            iov: IoVecs(Vec::with_capacity(MAX_IOVECS + 1)),
             rx_chains: Vec::with_capacity(64),
+            overflow: Box::new([0]),
         }
     }
 
@@ -516,8 +521,13 @@ impl<B: AsRawFd> QueuePair<B> {
                 out.starved = true;
                 break;
             }
+            self.iov.0.push(libc::iovec {
+                iov_base: self.overflow.as_mut_ptr().cast(),
+                iov_len: 1,
+            });
             // SAFETY: every iovec points into guest memory that `mem` keeps
-            // mapped, in writable descriptors the driver gave us.
+            // mapped, in writable descriptors the driver gave us, except
+            // the last, which is `self.overflow`.
             let n = unsafe {
                 libc::readv(
                     self.fd(),
@@ -525,6 +535,7 @@ impl<B: AsRawFd> QueuePair<B> {
                     self.iov.0.len() as libc::c_int,
                 )
             };
+            self.iov.0.pop();
             if n < 0 {
                 let e = io::Error::last_os_error();
                 self.rewind_rx(self.rx_chains.len());
@@ -537,9 +548,10 @@ impl<B: AsRawFd> QueuePair<B> {
             }
             let n = n as usize;
             done += 1;
-            if n < VNET_HDR_LEN {
-                // Not a frame the backend should hand us; give the buffers
-                // back untouched.
+            let capacity: usize = self.rx_chains.iter().map(|c| c.capacity).sum();
+            if n < VNET_HDR_LEN || n > capacity {
+                // Not a frame the backend should hand us, or one too big
+                // for the buffers: give them back and drop the frame.
                 bump(&self.counters.rx_dropped, 1);
                 self.rewind_rx(self.rx_chains.len());
                 self.rx_chains.clear();

@@ -762,3 +762,42 @@ fn a_starved_rx_queue_asks_for_the_next_buffer_with_event_idx() {
     assert_eq!(used(&mem, &r.rxq, 0), (0, 112));
     assert_eq!(r.pair.rx_next_avail(), 1);
 }
+
+#[test]
+fn a_frame_larger_than_the_buffer_is_dropped_not_truncated() {
+    let tap = open_test_tap();
+    let sock = packet_socket(tap.name());
+    let mem = memory();
+    let mut r = rig(&mem, tap.clone(), pair_config(false, 1514));
+    add_chain(&r.rxq, 0, &[(BUFS, 100, true)]);
+    send_frame(&sock, &test_frame(500, 13));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.counters.snapshot().rx_dropped == 0 && Instant::now() < deadline {
+        r.pair.process_rx(&mem).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(r.counters.snapshot().rx_dropped >= 1);
+    for i in 0..u64::from(used_idx(&mem, &r.rxq)) {
+        assert!(used(&mem, &r.rxq, i).1 <= 100);
+    }
+}
+
+#[test]
+fn a_frame_that_exactly_fits_is_delivered_one_byte_more_is_dropped() {
+    let mem = memory();
+    let (ours, peer) = socketpair();
+    let mut r = rig(&mem, ours, pair_config(false, 1514));
+    add_chain(&r.rxq, 0, &[(BUFS, 100, true)]);
+    peer.send(&frame(101, 1)).unwrap();
+    r.pair.process_rx(&mem).unwrap();
+    assert_eq!(used_idx(&mem, &r.rxq), 0);
+    assert_eq!(
+        r.pair.rx_next_avail(),
+        0,
+        "the buffer goes back to the ring"
+    );
+    assert_eq!(r.counters.snapshot().rx_dropped, 1);
+    peer.send(&frame(100, 1)).unwrap();
+    r.pair.process_rx(&mem).unwrap();
+    assert_eq!(used(&mem, &r.rxq, 0), (0, 100));
+}
