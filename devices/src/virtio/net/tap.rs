@@ -30,12 +30,10 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "Cannot attach to or create tap {tap}: it may exist with other flags (it must be a TAP with vnet_hdr{multi}) or be in use; create it with `ip tuntap add {tap} mode tap vnet_hdr{multi}` or give another name"
-    )]
+    #[error("Cannot attach to or create tap {tap}: {hint}")]
     SetIff {
         tap: String,
-        multi: &'static str,
+        hint: String,
         #[source]
         source: io::Error,
     },
@@ -98,6 +96,44 @@ unsafe fn ioctl_ptr<T>(fd: RawFd, request: libc::Ioctl, arg: *mut T) -> io::Resu
     Ok(())
 }
 
+/// Why TUNSETIFF on `name` failed, and what to do about it.
+fn set_iff_hint(name: &str, multi_queue: bool, err: &io::Error) -> String {
+    let wanted = if multi_queue {
+        "mode tap vnet_hdr multi_queue"
+    } else {
+        "mode tap vnet_hdr"
+    };
+    let sys = std::path::Path::new("/sys/class/net").join(name);
+    match err.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            return "permission denied; run keel-vmm with CAP_NET_ADMIN or as the tap's owner"
+                .into();
+        }
+        Some(libc::EBUSY) => {
+            return "it is in use by another process (a single-queue tap has one user)".into();
+        }
+        _ => {}
+    }
+    if !sys.exists() {
+        return "the kernel would not create it; check CAP_NET_ADMIN".into();
+    }
+    let Ok(flags) = std::fs::read_to_string(sys.join("tun_flags")) else {
+        return "an interface of that name exists and is not a TAP; give a TAP's name or a new name"
+            .into();
+    };
+    let flags = i64::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+    let kind = if flags & i64::from(libc::IFF_TAP) == 0 {
+        "a TUN (layer 3) device"
+    } else if flags & i64::from(libc::IFF_MULTI_QUEUE) != 0 {
+        "a multi-queue TAP"
+    } else {
+        "a single-queue TAP"
+    };
+    format!(
+        "it exists as {kind}; recreate it with `ip tuntap add {name} {wanted}` or give another name"
+    )
+}
+
 impl Tap {
     /// Opens the tap `name` (created when it does not exist) or, with no
     /// name, creates one the kernel names from `keel%d`. `multi_queue` asks
@@ -123,7 +159,7 @@ impl Tap {
         unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF, &mut req) }.map_err(|source| {
             TapError::SetIff {
                 tap: shown.clone(),
-                multi: if multi_queue { " multi_queue" } else { "" },
+                hint: set_iff_hint(&shown, multi_queue, &source),
                 source,
             }
         })?;

@@ -586,7 +586,10 @@ fn a_tap_with_incompatible_flags_gives_an_error_naming_it() {
         panic!("attached to an incompatible tap");
     };
     let msg = e.to_string();
-    assert!(msg.contains(&name) && msg.contains("ip tuntap"), "{msg}");
+    assert!(
+        msg.contains(&name) && msg.contains("single-queue TAP") && msg.contains("multi_queue"),
+        "{msg}"
+    );
 }
 
 #[test]
