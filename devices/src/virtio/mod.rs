@@ -7,6 +7,7 @@
 //! transport or a vhost-user backend could host the same device.
 
 pub mod block;
+pub mod chain;
 pub mod console;
 pub mod net;
 pub mod pci;
