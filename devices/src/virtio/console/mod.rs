@@ -388,10 +388,15 @@ impl Transmitter {
     }
 
     /// Copies one chain's device-readable bytes to the output, in order.
-    /// Device-writable descriptors have nothing to send and are skipped; a
-    /// descriptor outside guest memory ends the chain.
+    /// Device-writable descriptors have nothing to send and are skipped. A
+    /// malformed chain (a buffer outside guest memory, a chain that does not
+    /// end) sends nothing.
     fn send(&mut self, memory: &GuestMemory, chain: DescriptorChain<&GuestMemory>) {
         let head = chain.head_index();
+        if !well_formed(memory, &chain, Permissions::Read) {
+            log::debug!("virtio-console: transmit request {head} is malformed; dropped");
+            return;
+        }
         let mut out = lock(&self.output);
         let mut sent = 0usize;
         for desc in chain {
@@ -566,6 +571,25 @@ impl ConsoleWorker {
     }
 }
 
+/// Whether every buffer of the chain that the device would use (`access`:
+/// Read for device-readable ones, Write for device-writable ones) lies
+/// wholly in guest memory, and the chain ends properly: a walk that stops
+/// on a descriptor still flagged NEXT met a loop, a next index outside the
+/// table or a chain over 4 GiB.
+fn well_formed(
+    memory: &GuestMemory,
+    chain: &DescriptorChain<&GuestMemory>,
+    access: Permissions,
+) -> bool {
+    let mut last_has_next = false;
+    let in_memory = chain.clone().all(|d| {
+        last_has_next = d.has_next();
+        let used = d.is_write_only() == (access == Permissions::Write);
+        !used || memory.check_range(d.addr(), d.len() as usize, access)
+    });
+    in_memory && !last_has_next
+}
+
 /// Bytes the fd can give without blocking.
 fn bytes_ready(file: &File) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -587,11 +611,9 @@ fn receive(
     limit: usize,
 ) -> Result<usize, WorkerError> {
     let head = chain.head_index();
-    let valid = chain.clone().all(|d| {
-        d.is_write_only() && memory.check_range(d.addr(), d.len() as usize, Permissions::Write)
-    });
-    if !valid {
-        log::debug!("virtio-console: receive buffer {head} is read-only or outside guest memory");
+    let writable = chain.clone().all(|d| d.is_write_only());
+    if !writable || !well_formed(memory, &chain, Permissions::Write) {
+        log::debug!("virtio-console: receive buffer {head} is malformed; left empty");
         return Ok(0);
     }
     let mut done = 0usize;
@@ -885,19 +907,20 @@ mod tests {
         let mut tx = Ring::new(&s.mem, TX_RING);
         tx.add(&[(MEM + 0x1000, 16, false)]);
         tx.add(&[(u64::MAX - 1, 16, false)]);
-        // 4 GiB claimed: only MAX_TX_CHAIN_BYTES are read.
+        // 4 GiB claimed, past the end of memory: malformed, nothing sent.
         tx.add(&[(0, u32::MAX, false)]);
-        tx.add(&[(BUF, 2, false)]);
+        // 3 MiB, all in memory: only MAX_TX_CHAIN_BYTES are sent.
+        tx.add(&[(0, 3 << 20, false)]);
+        // A writable descriptor is not checked against memory: it is
+        // skipped, as in any transmit chain.
+        tx.add(&[(BUF, 2, false), (MEM + 0x1000, 16, true)]);
         let mut w = s.worker(rx.queue(), tx.queue(), None);
         w.process_tx().unwrap();
-        assert_eq!(tx.used_idx(), 4);
+        assert_eq!(tx.used_idx(), 5);
         let out = s.sink.bytes();
         assert_eq!(out.len(), MAX_TX_CHAIN_BYTES + 2);
         assert_eq!(&out[MAX_TX_CHAIN_BYTES..], b"ok");
-        assert_eq!(
-            w.transmitter.dropped,
-            u64::from(u32::MAX) - MAX_TX_CHAIN_BYTES as u64
-        );
+        assert_eq!(w.transmitter.dropped, (3 << 20) - MAX_TX_CHAIN_BYTES as u64);
     }
 
     #[test]
@@ -917,7 +940,7 @@ mod tests {
         let mut w = s.worker(rx.queue(), tx.queue(), None);
         w.process_tx().unwrap();
         assert_eq!(tx.used_idx(), 1);
-        assert_eq!(s.sink.bytes(), b"ab".repeat(16));
+        assert_eq!(s.sink.bytes(), b"");
     }
 
     #[test]

@@ -267,33 +267,43 @@ impl RngWorker {
         };
         let head = chain.head_index();
         let mut filled: u32 = 0;
+        let mut source_done = false;
+        let mut last_has_next = false;
         for desc in chain {
+            last_has_next = desc.has_next();
+            // Every buffer must be device-writable and lie wholly in guest
+            // memory, even the parts past the cap that are never written.
             if !desc.is_write_only() {
                 log::debug!("virtio-rng: request {head} has a device-readable buffer");
                 return Ok(Some((head, 0)));
             }
+            if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
+                log::debug!(
+                    "virtio-rng: request {head} has a buffer outside guest memory ({:#x}+{})",
+                    desc.addr().0,
+                    desc.len()
+                );
+                return Ok(Some((head, 0)));
+            }
             let want = desc.len().min(MAX_REQUEST_BYTES - filled);
-            if want == 0 {
-                // Keep walking: a later readable descriptor still fails it.
+            if want == 0 || source_done {
                 continue;
             }
-            let n = self.source.fill(mem, desc.addr(), want as usize)?;
-            match n {
+            match self.source.fill(mem, desc.addr(), want as usize)? {
                 Fill::Bytes(n) => {
                     // n <= want <= MAX_REQUEST_BYTES - filled.
                     filled += u32::try_from(n).unwrap_or(0);
-                    if n < want as usize {
-                        break;
-                    }
+                    source_done = n < want as usize;
                 }
-                Fill::BadAddress => {
-                    log::debug!(
-                        "virtio-rng: request {head} has a buffer outside guest memory ({:#x}+{want})",
-                        desc.addr().0
-                    );
-                    return Ok(Some((head, 0)));
-                }
+                Fill::BadAddress => return Ok(Some((head, 0))),
             }
+        }
+        // The walk ended on a descriptor that still points on: a next index
+        // outside the table, a loop, or a chain over 4 GiB (the iterator
+        // stops at each). The chain is malformed.
+        if last_has_next {
+            log::debug!("virtio-rng: request {head} is not a well-formed chain");
+            return Ok(Some((head, 0)));
         }
         Ok(Some((head, filled)))
     }
@@ -536,16 +546,18 @@ mod tests {
         let (_f, cfg) = pattern_source(1 << 20);
         let mem = memory();
         let mut chains = Chains::new(&mem);
-        // 3 MiB of buffer in one chain (the last descriptor claims 4 GiB
-        // but lies partly outside memory: it is never reached).
+        // 3 MiB of buffer in one chain: only the first 64 KiB are filled.
         chains.add(&[(BUF, 1 << 20, true), (BUF + (1 << 20), 2 << 20, true)]);
+        // 4 GiB claimed, running far past the end of memory: malformed,
+        // although the capped part would fit.
         chains.add(&[(BUF, u32::MAX, true)]);
+        // Past the cap, a buffer outside memory still fails the request.
+        chains.add(&[(BUF, 1 << 20, true), (MEM, 16, true)]);
         let (mut w, _) = worker(&cfg, &mem, chains.mock.create_queue().unwrap());
         w.process().unwrap();
         assert_eq!(chains.used(0), (0, MAX_REQUEST_BYTES));
-        // One descriptor of 4 GiB, mostly past the end of memory: still
-        // capped, and the capped range is inside memory, so it is served.
-        assert_eq!(chains.used(1), (2, MAX_REQUEST_BYTES));
+        assert_eq!(chains.used(1), (2, 0));
+        assert_eq!(chains.used(2), (3, 0));
     }
 
     #[test]
@@ -600,8 +612,24 @@ mod tests {
         let (mut w, _) = worker(&cfg, &mem, chains.mock.create_queue().unwrap());
         w.process().unwrap();
         assert_eq!(chains.used_idx(), 1);
-        // The queue's 16-descriptor limit stops the walk: 16 × 100 bytes.
-        assert_eq!(chains.used(0), (0, 1600));
+        // The queue's 16-descriptor limit stops the walk on a descriptor
+        // that still has NEXT: the request fails.
+        assert_eq!(chains.used(0), (0, 0));
+    }
+
+    #[test]
+    fn a_next_index_outside_the_table_fails_the_request() {
+        let (_f, cfg) = pattern_source(4096);
+        let mem = memory();
+        let chains = Chains::new(&mem);
+        let flags = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16;
+        let d0 = SplitDescriptor::new(BUF, 16, flags, 16);
+        chains.mock.desc_table().store(0, d0.into()).unwrap();
+        chains.mock.avail().ring().ref_at(0).unwrap().store(0);
+        chains.mock.avail().idx().store(1);
+        let (mut w, _) = worker(&cfg, &mem, chains.mock.create_queue().unwrap());
+        w.process().unwrap();
+        assert_eq!(chains.used(0), (0, 0));
     }
 
     #[test]
