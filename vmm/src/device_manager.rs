@@ -64,6 +64,8 @@ pub enum DeviceError {
     Rng(#[from] keel_devices::virtio::rng::RngError),
     #[error(transparent)]
     Net(#[from] keel_devices::virtio::net::NetError),
+    #[error(transparent)]
+    Vsock(#[from] keel_devices::virtio::vsock::VsockError),
     #[error("Cannot open console output file {path}")]
     ConsoleFile {
         path: PathBuf,
@@ -301,6 +303,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Devic
     }
     for (index, net) in config.net.iter().enumerate() {
         devices.push(Box::new(keel_devices::virtio::net::Net::new(net, index)?));
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.push(Box::new(keel_devices::virtio::vsock::Vsock::new(vsock)?));
     }
     Ok(devices)
 }

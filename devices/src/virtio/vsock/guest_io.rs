@@ -9,10 +9,12 @@ use std::io;
 use std::os::fd::RawFd;
 
 use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::packet::{HDR_SIZE, PacketHeader};
 use crate::GuestMemory;
+use crate::virtio::chain::checked_descriptors;
 
 /// One guest buffer.
 #[derive(Clone, Copy, Debug)]
@@ -25,51 +27,43 @@ pub struct Seg {
 /// chain to chain so that serving a queue does not allocate.
 #[derive(Default)]
 pub struct ChainBufs {
+    descs: Vec<Descriptor>,
     pub readable: Vec<Seg>,
     pub writable: Vec<Seg>,
     pub readable_len: usize,
     pub writable_len: usize,
-    /// A readable descriptor came after a writable one, a buffer lies
-    /// outside guest memory, or the lengths overflow: the chain is unusable.
+    /// The chain loops or links past its table, a buffer lies outside
+    /// guest memory, a readable buffer follows a writable one, or the
+    /// lengths overflow: the chain is unusable.
     pub malformed: bool,
 }
 
 impl ChainBufs {
-    /// Walks `chain` (the iterator bounds loops and indirect tables).
+    /// Walks and checks `chain`.
     pub fn load(&mut self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) {
         self.readable.clear();
         self.writable.clear();
         self.readable_len = 0;
         self.writable_len = 0;
-        self.malformed = false;
-        for desc in chain {
+        self.malformed = checked_descriptors(chain, mem, &mut self.descs).is_err();
+        for desc in &self.descs {
             let len = desc.len();
             if len == 0 {
-                continue;
-            }
-            if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
-                self.malformed = true;
                 continue;
             }
             let seg = Seg {
                 addr: desc.addr(),
                 len,
             };
-            if desc.is_write_only() {
-                self.writable.push(seg);
-                match self.writable_len.checked_add(len as usize) {
-                    Some(n) => self.writable_len = n,
-                    None => self.malformed = true,
-                }
+            let (segs, total) = if desc.is_write_only() {
+                (&mut self.writable, &mut self.writable_len)
             } else {
-                if !self.writable.is_empty() {
-                    self.malformed = true;
-                }
-                self.readable.push(seg);
-                match self.readable_len.checked_add(len as usize) {
-                    Some(n) => self.readable_len = n,
-                    None => self.malformed = true,
-                }
+                (&mut self.readable, &mut self.readable_len)
+            };
+            segs.push(seg);
+            match total.checked_add(len as usize) {
+                Some(n) => *total = n,
+                None => self.malformed = true,
             }
         }
     }

@@ -30,14 +30,16 @@ use std::sync::Arc;
 use keel_api::VsockConfig;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    ActivateError, Activation, QueueStateSer, VirtioDevice, WorkerHandle, device_type, features,
-    read_config_bytes,
+    ActivateError, Activation, ActiveQueue, QueueStateSer, VirtioDevice, VirtioInterrupt,
+    WorkerHandle, device_type, features, read_config_bytes,
 };
+use crate::GuestMemory;
 use muxer::Muxer;
-use worker::VsockWorker;
-pub use worker::WorkerStats;
+pub use worker::{VsockWorker, WorkerStats};
 
 /// VIRTIO_VSOCK_F_STREAM: stream sockets (the only kind Keel serves).
 pub const F_STREAM: u64 = 1 << 0;
@@ -207,6 +209,37 @@ impl Vsock {
         }
     }
 
+    /// A worker over `rx` and `tx` that the caller drives itself, on its
+    /// own thread (fuzzing): `process_tx`, `process_host_events`,
+    /// `process_rx`. It shares the device's host socket.
+    pub fn sync_worker(
+        &self,
+        memory: GuestMemory,
+        rx: Queue,
+        tx: Queue,
+    ) -> io::Result<VsockWorker> {
+        let muxer = Muxer::new(self.cid, &self.socket, self.listener.clone())?;
+        let queues = vec![
+            ActiveQueue {
+                index: 0,
+                queue: rx,
+                kick: EventFd::new(EFD_NONBLOCK)?,
+            },
+            ActiveQueue {
+                index: 1,
+                queue: tx,
+                kick: EventFd::new(EFD_NONBLOCK)?,
+            },
+        ];
+        Ok(VsockWorker::new(
+            memory,
+            Arc::new(NoInterrupt),
+            queues,
+            self.cid,
+            muxer,
+        ))
+    }
+
     pub fn vsock_state(&self) -> VsockState {
         VsockState {
             version: VSOCK_STATE_VERSION,
@@ -215,6 +248,19 @@ impl Vsock {
             queues: self.queues.clone(),
         }
     }
+}
+
+/// For [`Vsock::sync_worker`]: nobody to tell.
+struct NoInterrupt;
+
+impl VirtioInterrupt for NoInterrupt {
+    fn signal_queue(&self, _queue: u16) -> io::Result<()> {
+        Ok(())
+    }
+    fn signal_config(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_needs_reset(&self) {}
 }
 
 impl VirtioDevice for Vsock {

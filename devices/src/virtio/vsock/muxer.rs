@@ -684,6 +684,12 @@ impl Muxer {
                 );
             }
             self.endpoints.remove(&conn.token);
+            if conn.in_worklist {
+                // Keeps the worklist bounded by the live connections, even
+                // when the guest opens and resets connections without ever
+                // posting receive buffers.
+                self.worklist.retain(|k| *k != key);
+            }
         }
         if send_rst {
             self.queue_rst(key);
@@ -786,6 +792,11 @@ impl Muxer {
         if len == 0 {
             return true;
         }
+        if conn.host_hup {
+            // The host process is gone: nobody will read these bytes.
+            self.kill(key, true);
+            return false;
+        }
         if conn.tx_data_pending() + len > CONN_BUF_SIZE as usize {
             log::debug!("vsock: guest overran its credit on {key:?}");
             self.stats.credit_violations += 1;
@@ -793,7 +804,7 @@ impl Muxer {
             return false;
         }
         let mut sent = 0;
-        if conn.tx_pending() == 0 && !conn.host_hup {
+        if conn.tx_pending() == 0 {
             match payload.send_to(conn.stream.as_raw_fd(), 0) {
                 Ok(n) => sent = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

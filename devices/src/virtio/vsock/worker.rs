@@ -216,6 +216,15 @@ impl VsockWorker {
         Ok(())
     }
 
+    /// Handles whatever the host sockets have ready.
+    pub fn process_host_events(&mut self) -> Result<(), WorkerError> {
+        self.muxer.process_events().map_err(Self::muxer_error)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
     fn muxer_error(e: io::Error) -> WorkerError {
         WorkerError::Io {
             what: "vsock: host socket poll failed".into(),
@@ -249,7 +258,7 @@ impl QueueWorker for VsockWorker {
                     self.process_tx()?;
                 }
             }
-            MUXER_TOKEN => self.muxer.process_events().map_err(Self::muxer_error)?,
+            MUXER_TOKEN => self.process_host_events()?,
             _ => return Ok(()),
         }
         self.process_rx()
