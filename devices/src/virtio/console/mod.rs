@@ -394,7 +394,7 @@ impl Transmitter {
     fn send(&mut self, memory: &GuestMemory, chain: DescriptorChain<&GuestMemory>) {
         let head = chain.head_index();
         if !well_formed(memory, &chain, Permissions::Read) {
-            log::debug!("virtio-console: transmit request {head} is malformed; dropped");
+            log::debug!("Transmit request {head} is malformed; dropped");
             return;
         }
         let mut out = lock(&self.output);
@@ -408,7 +408,7 @@ impl Transmitter {
             if take < len {
                 if self.dropped == 0 {
                     log::warn!(
-                        "virtio-console: a transmit request larger than {MAX_TX_CHAIN_BYTES} bytes was cut short"
+                        "A transmit request larger than {MAX_TX_CHAIN_BYTES} bytes was cut short"
                     );
                 }
                 self.dropped = self.dropped.saturating_add((len - take) as u64);
@@ -420,11 +420,11 @@ impl Transmitter {
                     return;
                 };
                 if let Err(e) = memory.read_slice(&mut self.buf[..n], GuestAddress(addr)) {
-                    log::debug!("virtio-console: transmit request {head}: {e}");
+                    log::debug!("Transmit request {head}: {e}");
                     return;
                 }
                 if out.write_all(&self.buf[..n]).is_err() {
-                    log::debug!("virtio-console: output lost");
+                    log::debug!("Output lost");
                 }
                 done += n;
             }
@@ -523,7 +523,7 @@ impl ConsoleWorker {
         let mut pending = match bytes_ready(&file) {
             Ok(n) => n,
             Err(e) => {
-                log::warn!("virtio-console: input failed, no more input: {e}");
+                log::warn!("Input failed, no more input: {e}");
                 return Ok(Batch::InputClosed);
             }
         };
@@ -613,7 +613,7 @@ fn receive(
     let head = chain.head_index();
     let writable = chain.clone().all(|d| d.is_write_only());
     if !writable || !well_formed(memory, &chain, Permissions::Write) {
-        log::debug!("virtio-console: receive buffer {head} is malformed; left empty");
+        log::debug!("Receive buffer {head} is malformed; left empty");
         return Ok(0);
     }
     let mut done = 0usize;
@@ -702,7 +702,7 @@ impl QueueWorker for ConsoleWorker {
                     && input.state == InputState::Watched
                 {
                     if next == InputState::Closed {
-                        log::info!("virtio-console: the input has ended");
+                        log::info!("The input has ended");
                     }
                     events
                         .remove(input.file.as_raw_fd())

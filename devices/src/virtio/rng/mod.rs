@@ -274,12 +274,12 @@ impl RngWorker {
             // Every buffer must be device-writable and lie wholly in guest
             // memory, even the parts past the cap that are never written.
             if !desc.is_write_only() {
-                log::debug!("virtio-rng: request {head} has a device-readable buffer");
+                log::debug!("Request {head} has a device-readable buffer");
                 return Ok(Some((head, 0)));
             }
             if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
                 log::debug!(
-                    "virtio-rng: request {head} has a buffer outside guest memory ({:#x}+{})",
+                    "Request {head} has a buffer outside guest memory ({:#x}+{})",
                     desc.addr().0,
                     desc.len()
                 );
@@ -302,7 +302,7 @@ impl RngWorker {
         // outside the table, a loop, or a chain over 4 GiB (the iterator
         // stops at each). The chain is malformed.
         if last_has_next {
-            log::debug!("virtio-rng: request {head} is not a well-formed chain");
+            log::debug!("Request {head} is not a well-formed chain");
             return Ok(Some((head, 0)));
         }
         Ok(Some((head, filled)))
@@ -328,7 +328,7 @@ impl Source {
                     if !self.warned_short {
                         self.warned_short = true;
                         log::warn!(
-                            "virtio-rng: {} returned no more data; the guest gets short reads",
+                            "{} returned no more data; the guest gets short reads",
                             self.path.display()
                         );
                     }
