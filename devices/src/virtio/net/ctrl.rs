@@ -12,6 +12,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_OK,
 };
 use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError};
 use crate::GuestMemory;
@@ -38,6 +39,9 @@ pub struct CtrlQueue {
     taps: Vec<Arc<Tap>>,
     /// Pairs the driver uses now (shared with the device for its state).
     active_pairs: Arc<AtomicU16>,
+    /// One per pair: tells its worker the tap queue was attached or
+    /// detached.
+    tap_changed: Vec<EventFd>,
 }
 
 /// Attaches the first `pairs` tap queues and detaches the others. A queue
@@ -67,12 +71,19 @@ fn lenient(r: Result<(), TapError>) -> Result<(), TapError> {
 }
 
 impl CtrlQueue {
-    pub fn new(queue: Queue, index: u16, taps: Vec<Arc<Tap>>, active: Arc<AtomicU16>) -> Self {
+    pub fn new(
+        queue: Queue,
+        index: u16,
+        taps: Vec<Arc<Tap>>,
+        active: Arc<AtomicU16>,
+        tap_changed: Vec<EventFd>,
+    ) -> Self {
         CtrlQueue {
             queue,
             index,
             taps,
             active_pairs: active,
+            tap_changed,
         }
     }
 
@@ -156,6 +167,9 @@ impl CtrlQueue {
                 match set_active_pairs(&self.taps, usize::from(pairs)) {
                     Ok(()) => {
                         self.active_pairs.store(pairs, Ordering::Relaxed);
+                        for evt in &self.tap_changed {
+                            let _ = evt.write(1);
+                        }
                         VIRTIO_NET_OK
                     }
                     Err(e) => {

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use self::ctrl::{CtrlQueue, set_active_pairs};
 use self::queue::{MAX_FRAME_LEN, NetCounters, PairConfig, QueuePair};
@@ -289,6 +290,20 @@ impl VirtioDevice for Net {
         set_active_pairs(&self.taps, 1).map_err(|e| Self::backend_error(e.to_string()))?;
         self.active_pairs.store(1, Ordering::Relaxed);
 
+        let mut tap_changed = Vec::new();
+        let mut tap_changed_ctrl = Vec::new();
+        for _ in 0..pairs {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| ActivateError::Worker {
+                device: "virtio-net",
+                source,
+            })?;
+            let clone = evt.try_clone().map_err(|source| ActivateError::Worker {
+                device: "virtio-net",
+                source,
+            })?;
+            tap_changed.push(Some(evt));
+            tap_changed_ctrl.push(clone);
+        }
         let mut ctrl = match ctrl_index {
             Some(i) => {
                 let q = slots
@@ -296,7 +311,13 @@ impl VirtioDevice for Net {
                     .and_then(Option::take)
                     .ok_or_else(|| missing(format!("the control queue {i}")))?;
                 Some((
-                    CtrlQueue::new(q.queue, i, self.taps.clone(), self.active_pairs.clone()),
+                    CtrlQueue::new(
+                        q.queue,
+                        i,
+                        self.taps.clone(),
+                        self.active_pairs.clone(),
+                        tap_changed_ctrl,
+                    ),
                     q.kick,
                 ))
             }
@@ -348,6 +369,9 @@ impl VirtioDevice for Net {
                 pair,
                 (rx.kick, tx.kick),
                 if p == 0 { ctrl.take() } else { None },
+                tap_changed[usize::from(p)]
+                    .take()
+                    .ok_or_else(|| Self::backend_error(format!("queue pair {p} set up twice")))?,
             );
             let name = format!("{}-q{p}", self.tap_name());
             let handle = WorkerHandle::spawn(name, worker, activation.interrupt.clone()).map_err(

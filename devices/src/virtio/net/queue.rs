@@ -140,6 +140,10 @@ pub struct RxOutcome {
     pub starved: bool,
     /// The budget ran out with frames possibly still pending.
     pub more: bool,
+    /// The backend has no interface behind it (a tap queue detached
+    /// because the driver uses fewer pairs): nothing to read until it is
+    /// attached again.
+    pub detached: bool,
 }
 
 /// What a round of TX left behind.
@@ -542,6 +546,10 @@ impl<B: AsRawFd> QueuePair<B> {
                 self.rx_chains.clear();
                 self.iov.0.clear();
                 if would_block(&e) {
+                    break;
+                }
+                if e.raw_os_error() == Some(libc::EBADFD) {
+                    out.detached = true;
                     break;
                 }
                 return Err(NetQueueError::Read(e));

@@ -804,3 +804,106 @@ fn a_frame_that_exactly_fits_is_delivered_one_byte_more_is_dropped() {
     r.pair.process_rx(&mem).unwrap();
     assert_eq!(used(&mem, &r.rxq, 0), (0, 100));
 }
+
+/// How many of this process's threads have a name starting with `prefix`,
+/// and the CPU time (clock ticks) they used so far.
+fn thread_ticks(prefix: &str) -> (usize, u64) {
+    let (mut threads, mut total) = (0, 0);
+    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        threads += 1;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" that ends the name: utime and stime are the
+        // 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        total += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    }
+    (threads, total)
+}
+
+#[test]
+fn multi_queue_device_sets_pairs_over_the_control_queue_without_spinning() {
+    let name = unique_tap();
+    let cfg = NetConfig::parse(&format!("tap={name},num_queues=6,queue_size=16")).unwrap();
+    let mut net = Net::new(&cfg, 0).unwrap();
+    quiet_ipv6(&name);
+    let sock = packet_socket(&name);
+    let mem = memory();
+    let rings: Vec<MockSplitQueue<GuestMemory>> = (0..7u64)
+        .map(|i| MockSplitQueue::create(&mem, GuestAddress(0x2_0000 + i * 0x1000), QSIZE))
+        .collect();
+    let mut queues = Vec::new();
+    let mut kicks = Vec::new();
+    for (i, ring) in rings.iter().enumerate() {
+        let (q, k) = active(ring, i as u16);
+        queues.push(q);
+        kicks.push(k);
+    }
+    let irq = Arc::new(Irq::default());
+    let acked = net.features();
+    assert_ne!(acked & bit(VIRTIO_NET_F_MQ), 0);
+    net.activate(Activation {
+        memory: mem.clone(),
+        interrupt: irq.clone(),
+        queues,
+        acked_features: acked,
+    })
+    .unwrap();
+
+    // Two of three pairs: class MQ (4), command VQ_PAIRS_SET (0), 2 pairs.
+    let cmd = BUFS;
+    mem.write_slice(&[4, 0, 2, 0], GuestAddress(cmd)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(cmd + 0x100)).unwrap();
+    add_chain(
+        &rings[6],
+        0,
+        &[(cmd, 2, false), (cmd + 2, 2, false), (cmd + 0x100, 1, true)],
+    );
+    kicks[6].write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used_idx(&mem, &rings[6]) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(used(&mem, &rings[6], 0), (0, 1));
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(cmd + 0x100)).unwrap(), 0);
+    assert_eq!(net.state()["active_queue_pairs"], 2);
+    // A pair count the device does not have is refused.
+    mem.write_slice(&[4, 0, 9, 0], GuestAddress(cmd)).unwrap();
+    add_chain(
+        &rings[6],
+        3,
+        &[(cmd, 2, false), (cmd + 2, 2, false), (cmd + 0x100, 1, true)],
+    );
+    kicks[6].write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while used_idx(&mem, &rings[6]) == 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(cmd + 0x100)).unwrap(), 1);
+
+    // The detached third queue must not keep its worker busy.
+    let (threads, before) = thread_ticks(&name);
+    assert_eq!(threads, 3, "one worker per pair");
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = thread_ticks(&name).1 - before;
+    assert!(spent < 10, "workers used {spent} ticks in 0.5 s while idle");
+
+    // Traffic still flows on the second pair's transmit queue.
+    let f = test_frame(300, 21);
+    mem.write_slice(&[0u8; 12], GuestAddress(BUFS + 0x1000))
+        .unwrap();
+    mem.write_slice(&f, GuestAddress(BUFS + 0x1000 + 12))
+        .unwrap();
+    add_chain(&rings[3], 0, &[(BUFS + 0x1000, 312, false)]);
+    kicks[3].write(1).unwrap();
+    assert_eq!(recv_test_frame(&sock), f);
+    assert_eq!(irq.needs_reset.load(Ordering::SeqCst), 0);
+    net.reset();
+}

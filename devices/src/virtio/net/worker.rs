@@ -20,6 +20,8 @@ const RX_KICK: u64 = 0;
 const TX_KICK: u64 = 1;
 const TAP: u64 = 2;
 const CTRL_KICK: u64 = 3;
+/// The control queue attached or detached this pair's tap queue.
+const TAP_CHANGED: u64 = 4;
 
 pub struct PairWorker {
     pub(super) mem: GuestMemory,
@@ -28,8 +30,13 @@ pub struct PairWorker {
     pub(super) rx_kick: EventFd,
     pub(super) tx_kick: EventFd,
     pub(super) ctrl: Option<(CtrlQueue, EventFd)>,
+    tap_changed: EventFd,
     /// What the tap fd is registered for now.
     tap_events: EventSet,
+    /// Whether the tap fd is in the epoll set at all. A detached tap queue
+    /// polls as EPOLLERR forever, so it is taken out until something
+    /// suggests it may be back.
+    tap_registered: bool,
 }
 
 fn worker_err(e: impl std::error::Error) -> WorkerError {
@@ -55,6 +62,7 @@ impl PairWorker {
         pair: QueuePair<Arc<Tap>>,
         kicks: (EventFd, EventFd),
         ctrl: Option<(CtrlQueue, EventFd)>,
+        tap_changed: EventFd,
     ) -> Self {
         PairWorker {
             mem,
@@ -63,7 +71,9 @@ impl PairWorker {
             rx_kick: kicks.0,
             tx_kick: kicks.1,
             ctrl,
+            tap_changed,
             tap_events: EventSet::IN,
+            tap_registered: false,
         }
     }
 
@@ -74,21 +84,43 @@ impl PairWorker {
     }
 
     fn set_tap_events(&mut self, events: &EventLoop, want: EventSet) -> Result<(), WorkerError> {
-        if want == self.tap_events {
+        if self.tap_registered && want == self.tap_events {
+            return Ok(());
+        }
+        let fd = self.pair.backend.as_raw_fd();
+        let done = if self.tap_registered {
+            events.modify(fd, TAP, want)
+        } else {
+            events.add(fd, TAP, want)
+        };
+        done.map_err(|source| WorkerError::Io {
+            what: "Cannot change what the tap fd is polled for".into(),
+            source,
+        })?;
+        self.tap_registered = true;
+        self.tap_events = want;
+        Ok(())
+    }
+
+    fn unregister_tap(&mut self, events: &EventLoop) -> Result<(), WorkerError> {
+        if !self.tap_registered {
             return Ok(());
         }
         events
-            .modify(self.pair.backend.as_raw_fd(), TAP, want)
+            .remove(self.pair.backend.as_raw_fd())
             .map_err(|source| WorkerError::Io {
-                what: "Cannot change what the tap fd is polled for".into(),
+                what: "Cannot stop polling the tap fd".into(),
                 source,
             })?;
-        self.tap_events = want;
+        self.tap_registered = false;
         Ok(())
     }
 
     fn run_rx(&mut self, events: &EventLoop) -> Result<(), WorkerError> {
         let out = self.pair.process_rx(&self.mem).map_err(worker_err)?;
+        if out.detached {
+            self.unregister_tap(events)?;
+        }
         if out.used
             && self
                 .pair
@@ -96,6 +128,9 @@ impl PairWorker {
                 .map_err(worker_err)?
         {
             self.signal(self.pair.rx_index())?;
+        }
+        if out.detached {
+            return Ok(());
         }
         let mut want = self.tap_events;
         // Out of buffers: stop polling the tap until the driver kicks RX,
@@ -133,6 +168,8 @@ impl QueueWorker for PairWorker {
         events.add(self.rx_kick.as_raw_fd(), RX_KICK, EventSet::IN)?;
         events.add(self.tx_kick.as_raw_fd(), TX_KICK, EventSet::IN)?;
         events.add(self.pair.backend.as_raw_fd(), TAP, self.tap_events)?;
+        self.tap_registered = true;
+        events.add(self.tap_changed.as_raw_fd(), TAP_CHANGED, EventSet::IN)?;
         if let Some((_, kick)) = &self.ctrl {
             events.add(kick.as_raw_fd(), CTRL_KICK, EventSet::IN)?;
         }
@@ -147,9 +184,14 @@ impl QueueWorker for PairWorker {
         events: &EventLoop,
     ) -> Result<(), WorkerError> {
         match token {
-            RX_KICK => {
-                drain(&self.rx_kick);
-                // New buffers: poll the tap again and fill them now.
+            RX_KICK | TAP_CHANGED => {
+                drain(if token == RX_KICK {
+                    &self.rx_kick
+                } else {
+                    &self.tap_changed
+                });
+                // New buffers, or a tap queue attached again: poll the tap
+                // and fill the buffers now.
                 let want = self.tap_events | EventSet::IN;
                 self.set_tap_events(events, want)?;
                 self.run_rx(events)
@@ -159,12 +201,15 @@ impl QueueWorker for PairWorker {
                 self.run_tx(events)
             }
             TAP => {
+                if ready.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                    // A detached queue (or a deleted interface): stop
+                    // polling it; kicks and the control queue bring it back.
+                    return self.unregister_tap(events);
+                }
                 if ready.contains(EventSet::OUT) {
                     self.run_tx(events)?;
                 }
-                if ready.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP)
-                    && self.tap_events.contains(EventSet::IN)
-                {
+                if ready.contains(EventSet::IN) && self.tap_events.contains(EventSet::IN) {
                     self.run_rx(events)?;
                 }
                 Ok(())
