@@ -457,6 +457,59 @@ fn guest_shutdown_both_after_data_flushes_then_resets() {
 }
 
 #[test]
+fn half_closes_keep_the_other_direction_open() {
+    let mut h = Harness::new("half-close");
+    h.post_rx(16);
+    let (mut host, local) = host_connect(&mut h, 15);
+
+    // The guest will send no more: the host reads the end of the stream
+    // and can still answer.
+    let mut sd = guest_hdr(OP_SHUTDOWN, 15, local);
+    sd.flags = SHUTDOWN_SEND;
+    h.send(sd, &[]);
+    let mut b = [0u8; 1];
+    assert_eq!(host.read(&mut b).unwrap(), 0);
+    host.write_all(b"answer").unwrap();
+    let (pkt, data) = h.recv().unwrap();
+    assert_eq!((pkt.op, data.as_slice()), (OP_RW, &b"answer"[..]));
+
+    // The host will send no more either. Both directions of the host
+    // socket are now shut, which it reports as a hang-up: the guest is
+    // told (SEND, then possibly RCV too) and answers with an RST.
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (pkt, _) = h.recv().unwrap();
+    assert_eq!(pkt.op, OP_SHUTDOWN);
+    assert_ne!(pkt.flags & SHUTDOWN_SEND, 0);
+    if pkt.flags != SHUTDOWN_BOTH {
+        let (pkt, _) = h.recv().unwrap();
+        assert_eq!((pkt.op, pkt.flags), (OP_SHUTDOWN, SHUTDOWN_BOTH));
+    }
+    h.send(guest_hdr(OP_RST, 15, local), &[]);
+    h.no_packet();
+}
+
+#[test]
+fn host_half_close_leaves_the_guest_sending() {
+    let mut h = Harness::new("host-half-close");
+    h.post_rx(16);
+    let (mut host, local) = host_connect(&mut h, 16);
+    host.write_all(b"last words").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    let (pkt, data) = h.recv().unwrap();
+    assert_eq!((pkt.op, data.as_slice()), (OP_RW, &b"last words"[..]));
+    let (pkt, _) = h.recv().unwrap();
+    assert_eq!((pkt.op, pkt.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    let mut rw = guest_hdr(OP_RW, 16, local);
+    rw.len = 5;
+    h.send(rw, b"reply");
+    assert_eq!(read_exact_timeout(&mut host, 5), b"reply");
+    // The host closes for good: the guest hears the rest.
+    drop(host);
+    let (pkt, _) = h.recv().unwrap();
+    assert_eq!((pkt.op, pkt.flags), (OP_SHUTDOWN, SHUTDOWN_BOTH));
+}
+
+#[test]
 fn host_to_guest_respects_guest_credit() {
     let mut h = Harness::new("credit-rx");
     h.post_rx(32);
