@@ -649,3 +649,18 @@ fn activation_refuses_bad_queue_sets() {
     block.activate(act(0, 1)).unwrap();
     block.reset();
 }
+
+#[test]
+fn an_unreadable_avail_ring_does_not_spin() {
+    let path = image("stuck.img");
+    let block = Block::new(&disk_config(&path)).unwrap();
+    let mem = memory();
+    let d = Driver::new(&mem);
+    let mut q = d.raw_queue();
+    // flags and idx are the last 4 bytes of memory; the ring lies beyond.
+    let avail = 0x10_0000 - 4;
+    q.set_avail_ring_address(Some(avail as u32), Some(0));
+    mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    let mut bq = block.sync_queue(q, block.features());
+    assert!(matches!(bq.process_queue(&mem), Err(QueueError::Stuck)));
+}

@@ -47,6 +47,8 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 pub enum QueueError {
     #[error("The queue is broken (bad avail or used ring)")]
     Ring(#[source] virtio_queue::Error),
+    #[error("The avail index announces chains whose ring entries cannot be read")]
+    Stuck,
     #[error("io_uring failed")]
     Uring(#[source] io::Error),
 }
@@ -263,15 +265,18 @@ impl BlockQueue {
     }
 
     fn pop_all(&mut self, mem: &GuestMemory) -> Result<(), QueueError> {
+        let mut empty_rounds = 0;
         loop {
             // With EVENT_IDX this stops the driver's kicks while we drain
             // the ring; the re-enable below catches chains added meanwhile.
             self.queue
                 .disable_notification(mem)
                 .map_err(QueueError::Ring)?;
+            let mut popped = false;
             while self.has_room() {
                 let chain = self.queue.iter(mem).map_err(QueueError::Ring)?.next();
                 let Some(chain) = chain else { break };
+                popped = true;
                 match self.parser.parse(chain, mem) {
                     Ok(request) => self.start(mem, request)?,
                     Err(failure) => self.fail_parse(mem, failure)?,
@@ -287,6 +292,17 @@ impl BlockQueue {
                 .map_err(QueueError::Ring)?
             {
                 return Ok(());
+            }
+            // The avail index says there is more. Once may be a chain that
+            // arrived just now; twice in a row with nothing popped means
+            // its ring entries cannot be read, and looping would spin.
+            if popped {
+                empty_rounds = 0;
+            } else {
+                empty_rounds += 1;
+                if empty_rounds > 1 {
+                    return Err(QueueError::Stuck);
+                }
             }
         }
     }
