@@ -158,3 +158,38 @@ fn feed(serial: &Mutex<Serial>, mut bytes: &[u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into the array.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: both descriptors are new and owned by no one else.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn typed_bytes_reach_the_console_pipe() {
+        let (mut read, mut write) = pipe();
+        feed_pipe(&mut write, b"ls\r");
+        let mut got = [0u8; 3];
+        read.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ls\r");
+    }
+
+    #[test]
+    fn a_guest_that_reads_nothing_cannot_stall_the_keyboard() {
+        let (_read, mut write) = pipe();
+        let start = Instant::now();
+        // Far more than a pipe holds: the rest is dropped after a while.
+        feed_pipe(&mut write, &vec![b'x'; 1 << 20]);
+        assert!(start.elapsed() < PIPE_PATIENCE * 3);
+    }
+}
