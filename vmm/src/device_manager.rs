@@ -63,6 +63,8 @@ pub enum DeviceError {
     #[error(transparent)]
     Rng(#[from] keel_devices::virtio::rng::RngError),
     #[error(transparent)]
+    Block(#[from] keel_devices::virtio::block::BlockError),
+    #[error(transparent)]
     Net(#[from] keel_devices::virtio::net::NetError),
     #[error(transparent)]
     Vsock(#[from] keel_devices::virtio::vsock::VsockError),
@@ -300,6 +302,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Devic
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(rng) = &config.rng {
         devices.push(Box::new(keel_devices::virtio::rng::Rng::new(rng)?));
+    }
+    for disk in &config.disks {
+        devices.push(Box::new(keel_devices::virtio::block::Block::new(disk)?));
     }
     for (index, net) in config.net.iter().enumerate() {
         devices.push(Box::new(keel_devices::virtio::net::Net::new(net, index)?));
