@@ -80,6 +80,10 @@ pub enum RequestError {
     StatusOutOfRange(u64),
     #[error("The chain has more than {MAX_DESCRIPTORS} descriptors")]
     TooManyDescriptors,
+    #[error(
+        "The chain ends at a descriptor whose next one cannot be followed (out of the table, a loop, or past 4 GiB)"
+    )]
+    CutShort,
     #[error("A device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
     #[error("The chain has {0} device-readable bytes, fewer than the 16-byte header")]
@@ -220,7 +224,13 @@ impl Parser {
         // The iteration is bounded: the chain stops after as many
         // descriptors as its table has (at most 65535), and on any
         // descriptor it cannot read.
+        // The chain iterator stops quietly on a descriptor it cannot
+        // follow (a `next` outside the table, a loop cut off at the table
+        // size, an unreadable entry): a last descriptor that still says
+        // NEXT marks a chain that was cut short.
+        let mut cut_short = false;
         for d in chain {
+            cut_short = d.has_next();
             if d.len() == 0 {
                 continue;
             }
@@ -278,6 +288,9 @@ impl Parser {
             status: Some(status),
             error,
         };
+        if cut_short {
+            return Err(fail(RequestError::CutShort));
+        }
         if misordered {
             return Err(fail(RequestError::ReadableAfterWritable));
         }
@@ -708,11 +721,28 @@ mod tests {
         ];
         let chain = vq.build_multiple_desc_chains(&descs).unwrap();
         let mut p = Parser::new();
-        // The chain ends after 16 descriptors; the request is still
-        // structurally a read whose last writable byte is the status.
-        let r = p.parse(chain, &mem).unwrap();
-        assert_eq!(r.status, GuestAddress(0x2000 + 511));
-        assert!(p.data.len() <= 16);
+        // The chain is cut after 16 descriptors; it fails, and its last
+        // writable byte takes the error.
+        let e = p.parse(chain, &mem).unwrap_err();
+        assert!(matches!(e.error, RequestError::CutShort));
+        assert_eq!(e.status, Some(GuestAddress(0x2000 + 511)));
+    }
+
+    #[test]
+    fn a_next_outside_the_table_fails() {
+        let mem = memory();
+        header(&mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let f = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x1000, 16, f, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x2000, 512, f | W, 2)),
+            RawDescriptor::from(SplitDescriptor::new(0x3000, 1, f | W, 16)),
+        ];
+        let chain = vq.build_multiple_desc_chains(&descs).unwrap();
+        let e = Parser::new().parse(chain, &mem).unwrap_err();
+        assert!(matches!(e.error, RequestError::CutShort));
+        assert_eq!(e.status, Some(GuestAddress(0x3000)));
     }
 
     #[test]
