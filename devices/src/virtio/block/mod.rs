@@ -130,10 +130,13 @@ impl Block {
             avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
 
-        let id = config
-            .id
-            .clone()
-            .unwrap_or_else(|| format!("disk-{}", config.path.display()));
+        let id = config.id.clone().unwrap_or_else(|| {
+            config
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "disk".into())
+        });
         Ok(Block {
             id,
             config: config_space(disk.sectors(), config.num_queues),
@@ -324,7 +327,7 @@ impl VirtioDevice for Block {
                 slot,
             };
             let handle = WorkerHandle::spawn(
-                format!("blk{}-q{}", self.id, q.index),
+                format!("virtio-blk {} q{}", self.id, q.index),
                 worker,
                 interrupt.clone(),
             )
