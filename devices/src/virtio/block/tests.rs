@@ -79,15 +79,22 @@ struct Driver<'a> {
     vq: MockSplitQueue<'a, GuestMemory>,
     next_desc: u16,
     used_seen: u16,
+    used: u64,
 }
 
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemory) -> Self {
+        Self::at(mem, 0)
+    }
+
+    /// A queue whose rings start at `base`.
+    fn at(mem: &'a GuestMemory, base: u64) -> Self {
         Driver {
             mem,
-            vq: MockSplitQueue::new(mem, QSIZE),
+            vq: MockSplitQueue::create(mem, GuestAddress(base), QSIZE),
             next_desc: 0,
             used_seen: 0,
+            used: base + USED,
         }
     }
 
@@ -95,7 +102,7 @@ impl<'a> Driver<'a> {
     /// ring over the end of the avail ring (its `used_event`), so move it.
     fn raw_queue(&self) -> Queue {
         let mut q: Queue = self.vq.create_queue().unwrap();
-        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_used_ring_address(Some(self.used as u32), Some(0));
         q
     }
 
@@ -172,7 +179,7 @@ impl<'a> Driver<'a> {
             let slot = u64::from(self.used_seen % QSIZE);
             let len: u32 = self
                 .mem
-                .read_obj(GuestAddress(USED).unchecked_add(4 + slot * 8 + 4))
+                .read_obj(GuestAddress(self.used).unchecked_add(4 + slot * 8 + 4))
                 .unwrap();
             lens.push(len);
             self.used_seen = self.used_seen.wrapping_add(1);
@@ -183,7 +190,7 @@ impl<'a> Driver<'a> {
 
     fn used_idx(&self) -> u16 {
         self.mem
-            .read_obj(GuestAddress(USED).unchecked_add(2))
+            .read_obj(GuestAddress(self.used).unchecked_add(2))
             .unwrap()
     }
 
@@ -715,4 +722,50 @@ fn direct_io_takes_aligned_and_unaligned_buffers() {
         let (s, _) = d.request(&mut bq, VIRTIO_BLK_T_FLUSH, 0, None);
         assert_eq!(s, OK);
     }
+}
+
+#[test]
+fn each_queue_of_a_multi_queue_disk_is_served() {
+    let path = image("mq.img");
+    let mut config = disk_config(&path);
+    config.num_queues = 2;
+    let mut block = Block::new(&config).unwrap();
+    let mem = memory();
+    let mut drivers = [Driver::at(&mem, 0), Driver::at(&mem, 0x9_0000)];
+    let interrupt = Arc::new(CountingInterrupt::default());
+    let kicks = [
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    ];
+    block
+        .activate(Activation {
+            memory: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: (0..2)
+                .map(|i| ActiveQueue {
+                    index: i as u16,
+                    queue: drivers[i].raw_queue(),
+                    kick: kicks[i].try_clone().unwrap(),
+                })
+                .collect(),
+            acked_features: block.features(),
+        })
+        .unwrap();
+    for (i, d) in drivers.iter_mut().enumerate() {
+        d.header(VIRTIO_BLK_T_IN, i as u64);
+        d.add(&[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
+        kicks[i].write(1).unwrap();
+        for _ in 0..2000 {
+            if d.used_idx() != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(d.used_idx(), 1, "queue {i}");
+        assert_eq!(d.status(), OK);
+    }
+    assert_eq!(block.state()["queues"].as_array().map(|q| q.len()), Some(2));
+    assert_eq!(block.counters().read_ops.load(Ordering::Relaxed), 2);
+    block.reset();
+    assert_eq!(interrupt.needs_reset.load(Ordering::SeqCst), 0);
 }
