@@ -38,9 +38,15 @@ use super::{
     read_config_bytes,
 };
 
-/// Most data segments per request the driver may use (`seg_max`): with
-/// 4 KiB pages, 1 MiB requests in one chain.
-pub const SEG_MAX: u32 = 254;
+/// Most data segments per request the driver may use (`seg_max`): as QEMU
+/// does, the queue size less the header and the status, so that a chain
+/// fits the ring even without indirect descriptors; at most what one
+/// request may carry ([`request::MAX_DESCRIPTORS`]).
+pub fn seg_max(queue_size: u16) -> u32 {
+    (u32::from(queue_size).min(request::MAX_DESCRIPTORS as u32))
+        .saturating_sub(2)
+        .max(1)
+}
 /// Size of the config space we expose (up to `write_zeroes_may_unmap` and
 /// its padding, virtio 1.2 §5.2.4).
 const CONFIG_SIZE: usize = 60;
@@ -139,7 +145,7 @@ impl Block {
         });
         Ok(Block {
             id,
-            config: config_space(disk.sectors(), config.num_queues),
+            config: config_space(disk.sectors(), config.num_queues, config.queue_size),
             serial: serial(config.serial.as_deref(), &config.path),
             disk: Arc::new(disk),
             avail_features,
@@ -198,13 +204,13 @@ impl Block {
 }
 
 /// The config space (virtio 1.2 §5.2.4), little-endian.
-fn config_space(sectors: u64, num_queues: u16) -> [u8; CONFIG_SIZE] {
+fn config_space(sectors: u64, num_queues: u16, queue_size: u16) -> [u8; CONFIG_SIZE] {
     let mut c = [0u8; CONFIG_SIZE];
     let mut put =
         |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
     put(0, &sectors.to_le_bytes()); // capacity
     put(8, &0u32.to_le_bytes()); // size_max (not offered)
-    put(12, &SEG_MAX.to_le_bytes()); // seg_max
+    put(12, &seg_max(queue_size).to_le_bytes()); // seg_max
     // 16..20: geometry (not offered)
     put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
     // topology: 4 KiB physical blocks, so the guest aligns its I/O to pages.

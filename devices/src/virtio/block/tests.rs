@@ -529,7 +529,9 @@ fn config_space_and_features() {
     block.read_config(20, &mut b4);
     assert_eq!(u32::from_le_bytes(b4), 512);
     block.read_config(12, &mut b4);
-    assert_eq!(u32::from_le_bytes(b4), SEG_MAX);
+    assert_eq!(u32::from_le_bytes(b4), u32::from(QSIZE) - 2);
+    assert_eq!(seg_max(1024), 1022);
+    assert_eq!(seg_max(32768), 1022);
     block.read_config(1000, &mut b4);
     assert_eq!(b4, [0; 4]);
     let f = block.features();
