@@ -65,20 +65,57 @@ impl Kernel {
     }
 }
 
-/// A keel-vmm command line that boots the kit's kernel and test initramfs.
+/// Which VMM a [`GuestBoot`] runs in L1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vmm {
+    /// keel-vmm (`/keel/bin/keel-vmm`).
+    Keel,
+    /// QEMU's q35 machine with virtio-pci devices and KVM
+    /// (`/keel/qemu/qemu-system-x86_64`, so the session needs
+    /// [`LabSession::with_qemu`]): the reference keel-vmm is compared with,
+    /// and a check of a test's guest side against a VMM known to work.
+    QemuQ35,
+}
+
+/// A virtio device given to the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum GuestDevice {
+    Disk {
+        path: String,
+        readonly: bool,
+        direct: bool,
+    },
+    Net {
+        tap: String,
+        /// L1's address on the tap and its netmask.
+        host_ip: Option<(String, String)>,
+    },
+    Rng,
+    ConsoleFile(String),
+    Vsock {
+        cid: u32,
+        socket: String,
+    },
+}
+
+/// A VMM command line that boots the kit's kernel and test initramfs.
 ///
 /// The guest runs the initramfs test named by [`GuestBoot::test`]
 /// (`tests/guest/initramfs/tests/NAME.sh`: `info`, `poweroff`, `reboot`,
-/// `panic`) and prints `KEEL-L2 ...` marker lines on its serial port.
+/// `panic`, `blk`, `net`, `rng`, `console`, `vsock`, ...) and prints
+/// `KEEL-L2 ...` marker lines on its serial port.
 #[derive(Clone, Debug)]
 pub struct GuestBoot {
+    vmm: Vmm,
     kernel: Kernel,
+    initramfs: String,
     cpus: u32,
     max_cpus: Option<u32>,
     memory_mib: u64,
     test: String,
     cmdline: Vec<String>,
     serial: String,
+    devices: Vec<GuestDevice>,
     vmm_args: Vec<String>,
 }
 
@@ -87,15 +124,99 @@ impl GuestBoot {
     /// and its serial port on keel-vmm's terminal.
     pub fn linux(kernel: Kernel) -> Self {
         GuestBoot {
+            vmm: Vmm::Keel,
             kernel,
+            initramfs: "/keel/guest/initramfs.cpio.gz".to_string(),
             cpus: 1,
             max_cpus: None,
             memory_mib: 512,
             test: "info".to_string(),
             cmdline: Vec::new(),
             serial: "tty".to_string(),
+            devices: Vec::new(),
             vmm_args: Vec::new(),
         }
+    }
+
+    /// Runs the guest under `vmm` instead of keel-vmm.
+    pub fn vmm(mut self, vmm: Vmm) -> Self {
+        self.vmm = vmm;
+        self
+    }
+
+    /// Another initramfs (a path in L1) instead of the kit's.
+    pub fn initramfs(mut self, path: &str) -> Self {
+        self.initramfs = path.to_string();
+        self
+    }
+
+    /// A virtio-blk disk on raw image `path` (`--disk path=PATH`).
+    pub fn disk(mut self, path: &str) -> Self {
+        self.devices.push(GuestDevice::Disk {
+            path: path.to_string(),
+            readonly: false,
+            direct: false,
+        });
+        self
+    }
+
+    /// A read-only virtio-blk disk (`--disk path=PATH,readonly=on`).
+    pub fn disk_readonly(mut self, path: &str) -> Self {
+        self.devices.push(GuestDevice::Disk {
+            path: path.to_string(),
+            readonly: true,
+            direct: false,
+        });
+        self
+    }
+
+    /// A virtio-blk disk opened with O_DIRECT (`--disk path=PATH,direct=on`;
+    /// QEMU: `cache=none`).
+    pub fn disk_direct(mut self, path: &str) -> Self {
+        self.devices.push(GuestDevice::Disk {
+            path: path.to_string(),
+            readonly: false,
+            direct: true,
+        });
+        self
+    }
+
+    /// A virtio-net NIC on tap `tap`, with L1's end at `ip`/`mask`
+    /// (`--net tap=TAP,ip=IP,mask=MASK`). For QEMU the command creates the
+    /// tap, sets the address and deletes the tap afterwards; QEMU uses no
+    /// vhost-net, as keel-vmm does not.
+    pub fn net_tap(mut self, tap: &str, ip: &str, mask: &str) -> Self {
+        self.devices.push(GuestDevice::Net {
+            tap: tap.to_string(),
+            host_ip: Some((ip.to_string(), mask.to_string())),
+        });
+        self
+    }
+
+    /// A virtio-rng device reading L1's `/dev/urandom` (`--rng`).
+    pub fn rng(mut self) -> Self {
+        self.devices.push(GuestDevice::Rng);
+        self
+    }
+
+    /// The virtio console (the guest's hvc0) into file `path`
+    /// (`--console file=PATH`).
+    pub fn console_file(mut self, path: &str) -> Self {
+        self.devices
+            .push(GuestDevice::ConsoleFile(path.to_string()));
+        self
+    }
+
+    /// A virtio-vsock device with guest CID `cid` whose host side is the
+    /// Unix socket `socket` (`--vsock cid=N,socket=PATH`). QEMU uses
+    /// vhost-vsock instead: its host side is AF_VSOCK in L1 and `socket` is
+    /// not used.
+    pub fn vsock(mut self, cid: u32, socket: &str) -> Self {
+        self.devices.push(GuestDevice::Vsock {
+            cid,
+            socket: socket.to_string(),
+        });
+        self
     }
 
     /// Boot vCPUs (`--cpus boot=N`).
@@ -151,8 +272,18 @@ impl GuestBoot {
         words.join(" ")
     }
 
-    /// The shell command that runs keel-vmm in L1.
+    /// The shell command that runs the VMM in L1: a plain command for
+    /// keel-vmm; for QEMU with a NIC, a list (tap set-up; QEMU; tap removal)
+    /// whose status is QEMU's, so put it in parentheses to run it in the
+    /// background.
     pub fn command(&self) -> String {
+        match self.vmm {
+            Vmm::Keel => self.keel_command(),
+            Vmm::QemuQ35 => self.qemu_command(),
+        }
+    }
+
+    fn keel_command(&self) -> String {
         let cpus = match self.max_cpus {
             Some(max) => format!("boot={},max={max}", self.cpus),
             None => format!("boot={}", self.cpus),
@@ -162,7 +293,7 @@ impl GuestBoot {
             "--kernel".to_string(),
             self.kernel.path().to_string(),
             "--initramfs".to_string(),
-            "/keel/guest/initramfs.cpio.gz".to_string(),
+            self.initramfs.clone(),
             "--cmdline".to_string(),
             self.kernel_cmdline(),
             "--cpus".to_string(),
@@ -172,11 +303,156 @@ impl GuestBoot {
             "--serial".to_string(),
             self.serial.clone(),
         ];
+        for device in &self.devices {
+            let (option, value) = match device {
+                GuestDevice::Disk {
+                    path,
+                    readonly,
+                    direct,
+                } => {
+                    let mut v = format!("path={path}");
+                    if *readonly {
+                        v.push_str(",readonly=on");
+                    }
+                    if *direct {
+                        v.push_str(",direct=on");
+                    }
+                    ("--disk", v)
+                }
+                GuestDevice::Net { tap, host_ip } => {
+                    let mut v = format!("tap={tap}");
+                    if let Some((ip, mask)) = host_ip {
+                        v.push_str(&format!(",ip={ip},mask={mask}"));
+                    }
+                    ("--net", v)
+                }
+                GuestDevice::Rng => ("--rng", "src=/dev/urandom".to_string()),
+                GuestDevice::ConsoleFile(path) => ("--console", format!("file={path}")),
+                GuestDevice::Vsock { cid, socket } => {
+                    ("--vsock", format!("cid={cid},socket={socket}"))
+                }
+            };
+            args.push(option.to_string());
+            args.push(value);
+        }
         args.extend(self.vmm_args.iter().cloned());
-        args.iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
+        join_quoted(&args)
+    }
+
+    fn qemu_command(&self) -> String {
+        let smp = match self.max_cpus {
+            Some(max) => format!("{},maxcpus={max}", self.cpus),
+            None => self.cpus.to_string(),
+        };
+        let mut args: Vec<String> = [
+            "/keel/qemu/qemu-system-x86_64",
+            "-M",
+            "q35",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["-m".to_string(), format!("{}M", self.memory_mib)]);
+        args.extend(["-smp".to_string(), smp]);
+        match self.serial.as_str() {
+            "tty" => args.extend(["-serial".to_string(), "stdio".to_string()]),
+            "null" => args.extend(["-serial".to_string(), "null".to_string()]),
+            "off" => {}
+            other => {
+                let path = other.strip_prefix("file=").unwrap_or(other);
+                args.extend(["-serial".to_string(), format!("file:{path}")]);
+            }
+        }
+        args.extend([
+            "-kernel".to_string(),
+            self.kernel.path().to_string(),
+            "-initrd".to_string(),
+            self.initramfs.clone(),
+            "-append".to_string(),
+            self.kernel_cmdline(),
+        ]);
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for (i, device) in self.devices.iter().enumerate() {
+            match device {
+                GuestDevice::Disk {
+                    path,
+                    readonly,
+                    direct,
+                } => {
+                    let mut drive = format!("file={path},format=raw,if=none,id=disk{i}");
+                    drive.push_str(if *direct {
+                        ",cache=none,aio=native"
+                    } else {
+                        ",cache=writeback"
+                    });
+                    if *readonly {
+                        drive.push_str(",readonly=on");
+                    }
+                    args.extend(["-drive".to_string(), drive]);
+                    args.extend([
+                        "-device".to_string(),
+                        format!("virtio-blk-pci,drive=disk{i}"),
+                    ]);
+                }
+                GuestDevice::Net { tap, host_ip } => {
+                    before.push(format!("tunctl -t {} >/dev/null", shell_quote(tap)));
+                    if let Some((ip, mask)) = host_ip {
+                        before.push(format!(
+                            "ip addr add {}/{} dev {}",
+                            shell_quote(ip),
+                            mask_prefix(mask),
+                            shell_quote(tap)
+                        ));
+                    }
+                    before.push(format!("ip link set {} up", shell_quote(tap)));
+                    after.push(format!("tunctl -d {} >/dev/null", shell_quote(tap)));
+                    args.extend([
+                        "-netdev".to_string(),
+                        format!("tap,id=net{i},ifname={tap},script=no,downscript=no,vhost=off"),
+                        "-device".to_string(),
+                        format!("virtio-net-pci,netdev=net{i},romfile="),
+                    ]);
+                }
+                GuestDevice::Rng => args.extend([
+                    "-object".to_string(),
+                    format!("rng-random,id=rng{i},filename=/dev/urandom"),
+                    "-device".to_string(),
+                    format!("virtio-rng-pci,rng=rng{i}"),
+                ]),
+                GuestDevice::ConsoleFile(path) => args.extend([
+                    "-device".to_string(),
+                    "virtio-serial-pci".to_string(),
+                    "-chardev".to_string(),
+                    format!("file,id=hvc{i},path={path}"),
+                    "-device".to_string(),
+                    format!("virtconsole,chardev=hvc{i}"),
+                ]),
+                GuestDevice::Vsock { cid, .. } => args.extend([
+                    "-device".to_string(),
+                    format!("vhost-vsock-pci,guest-cid={cid}"),
+                ]),
+            }
+        }
+        args.extend(self.vmm_args.iter().cloned());
+        let qemu = join_quoted(&args);
+        if before.is_empty() {
+            return qemu;
+        }
+        format!(
+            "{} && {qemu}; keel_rc=$?; {}; (exit $keel_rc)",
+            before.join(" && "),
+            after.join("; ")
+        )
     }
 }
 
@@ -184,6 +460,22 @@ impl From<GuestBoot> for String {
     fn from(boot: GuestBoot) -> String {
         boot.command()
     }
+}
+
+fn join_quoted(args: &[String]) -> String {
+    args.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The prefix length of a dotted netmask (`255.255.255.0` → 24); what is
+/// not one counts its set bits.
+fn mask_prefix(mask: &str) -> u32 {
+    mask.split('.')
+        .filter_map(|o| o.parse::<u8>().ok())
+        .map(u8::count_ones)
+        .sum()
 }
 
 /// Quotes `s` for a POSIX shell, leaving plain words as they are.
@@ -733,6 +1025,67 @@ mod tests {
         assert!(cmd.starts_with("/keel/bin/keel-vmm --kernel /keel/guest/bzImage "));
         assert!(cmd.contains("--cpus boot=1,max=4 --memory size=512M"));
         assert!(cmd.ends_with("--serial file=/tmp/s --console off"));
+    }
+
+    #[test]
+    fn guest_boot_devices() {
+        let boot = GuestBoot::linux(Kernel::BzImage)
+            .test("blk")
+            .disk("/share/a.img")
+            .disk_readonly("/share/b.img")
+            .disk_direct("/share/c.img")
+            .net_tap("kt0", "192.168.100.1", "255.255.255.0")
+            .rng()
+            .console_file("/tmp/hvc")
+            .vsock(3, "/tmp/v.sock");
+        let keel = boot.command();
+        assert!(
+            keel.ends_with(
+                "--serial tty --disk path=/share/a.img --disk path=/share/b.img,readonly=on \
+                 --disk path=/share/c.img,direct=on \
+                 --net tap=kt0,ip=192.168.100.1,mask=255.255.255.0 --rng src=/dev/urandom \
+                 --console file=/tmp/hvc --vsock cid=3,socket=/tmp/v.sock"
+            ),
+            "{keel}"
+        );
+        let qemu = boot.clone().vmm(Vmm::QemuQ35).command();
+        assert!(
+            qemu.starts_with(
+                "tunctl -t kt0 >/dev/null && ip addr add 192.168.100.1/24 dev kt0 && \
+                 ip link set kt0 up && /keel/qemu/qemu-system-x86_64 -M q35 -accel kvm -cpu host "
+            ),
+            "{qemu}"
+        );
+        for part in [
+            "-m 512M -smp 1 -serial stdio -kernel /keel/guest/bzImage \
+             -initrd /keel/guest/initramfs.cpio.gz -append 'console=ttyS0 quiet keel.test=blk'",
+            "-drive file=/share/a.img,format=raw,if=none,id=disk0,cache=writeback \
+             -device virtio-blk-pci,drive=disk0",
+            "-drive file=/share/b.img,format=raw,if=none,id=disk1,cache=writeback,readonly=on",
+            "-drive file=/share/c.img,format=raw,if=none,id=disk2,cache=none,aio=native",
+            "-netdev tap,id=net3,ifname=kt0,script=no,downscript=no,vhost=off \
+             -device virtio-net-pci,netdev=net3,romfile=",
+            "-object rng-random,id=rng4,filename=/dev/urandom -device virtio-rng-pci,rng=rng4",
+            "-device virtio-serial-pci -chardev file,id=hvc5,path=/tmp/hvc \
+             -device virtconsole,chardev=hvc5",
+            "-device vhost-vsock-pci,guest-cid=3; keel_rc=$?; tunctl -d kt0 >/dev/null; (exit $keel_rc)",
+        ] {
+            assert!(qemu.contains(part), "{part}\n{qemu}");
+        }
+        let plain = GuestBoot::linux(Kernel::Pvh)
+            .vmm(Vmm::QemuQ35)
+            .serial("file=/tmp/s")
+            .initramfs("/tmp/i.gz")
+            .command();
+        assert!(
+            plain.starts_with("/keel/qemu/qemu-system-x86_64 "),
+            "{plain}"
+        );
+        assert!(
+            plain.contains(" -serial file:/tmp/s -kernel /keel/guest/vmlinux -initrd /tmp/i.gz ")
+        );
+        assert_eq!(mask_prefix("255.255.255.0"), 24);
+        assert_eq!(mask_prefix("255.255.0.0"), 16);
     }
 
     #[test]
