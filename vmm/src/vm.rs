@@ -157,7 +157,7 @@ fn create_kvm_vm(
     devices: &DeviceManager,
     memory: &GuestMemory,
 ) -> Result<Arc<VmFd>, VmError> {
-    let fd = Arc::new(hypervisor.kvm.create_vm().map_err(VmError::CreateVm)?);
+    let fd = Arc::new(create_vm_retrying(&hypervisor.kvm)?);
     let setup = |what| move |source| VmError::Setup { what, source };
     // Memory first: once the in-kernel irqchip exists, KVM waits for an
     // RCU grace period on every memslot change (~5 ms here, 0.3 ms before).
@@ -169,6 +169,20 @@ fn create_kvm_vm(
     fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
     devices.attach(fd.clone(), memory)?;
     Ok(fd)
+}
+
+/// KVM_CREATE_VM, again when it is interrupted: registering the VM's MMU
+/// notifier gives up with EINTR while this thread has a signal or io_uring
+/// task work pending (a disk's io_uring set up just before does that).
+fn create_vm_retrying(kvm: &Kvm) -> Result<VmFd, VmError> {
+    const ATTEMPTS: u32 = 100;
+    let mut attempt = 1;
+    loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR && attempt < ATTEMPTS => attempt += 1,
+            result => return result.map_err(VmError::CreateVm),
+        }
+    }
 }
 
 fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
