@@ -408,11 +408,11 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.full() || self.pending_hosts >= MAX_PENDING_HOST {
-                        log::warn!("vsock: too many connections; refusing a host connection");
+                        log::warn!("Too many connections; refusing a host connection");
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("vsock: cannot make a host connection non-blocking: {e}");
+                        log::warn!("Cannot make a host connection non-blocking: {e}");
                         continue;
                     }
                     let token = self.alloc_token();
@@ -421,7 +421,7 @@ impl Muxer {
                         stream.as_raw_fd(),
                         EpollEvent::new(EventSet::IN, token),
                     ) {
-                        log::warn!("vsock: cannot watch a host connection: {e}");
+                        log::warn!("Cannot watch a host connection: {e}");
                         continue;
                     }
                     self.pending_hosts += 1;
@@ -439,7 +439,7 @@ impl Muxer {
                 Err(e) => {
                     // Out of fds or similar: stop watching the listener for
                     // a while rather than spin on it.
-                    log::warn!("vsock: cannot accept a host connection: {e}");
+                    log::warn!("Cannot accept a host connection: {e}");
                     if self
                         .epoll
                         .ctl(
@@ -465,7 +465,7 @@ impl Muxer {
         let tick = Duration::from_millis(500);
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
-            Err(e) => log::warn!("vsock: cannot arm the connection timer: {e}"),
+            Err(e) => log::warn!("Cannot arm the connection timer: {e}"),
         }
     }
 
@@ -490,13 +490,13 @@ impl Muxer {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            log::debug!("vsock: connection {key:?} timed out");
+            log::debug!("Connection {key:?} timed out");
             self.kill(key, true);
         }
         let waiting = self.listener_paused || self.conns.values().any(|c| c.deadline.is_some());
         if !waiting {
             if let Err(e) = self.timer.clear() {
-                log::warn!("vsock: cannot stop the connection timer: {e}");
+                log::warn!("Cannot stop the connection timer: {e}");
             }
             self.timer_armed = false;
         }
@@ -548,7 +548,7 @@ impl Muxer {
         };
         let local_port = self.alloc_local_port();
         let (Some(port), Some(local_port)) = (port, local_port) else {
-            log::debug!("vsock: bad CONNECT line from a host process, or no free local port");
+            log::debug!("Bad CONNECT line from a host process, or no free local port");
             self.drop_pending(token);
             return;
         };
@@ -617,7 +617,7 @@ impl Muxer {
             return false;
         };
         if let Err(e) = conn.flush() {
-            log::debug!("vsock: host socket of {key:?} failed: {e}");
+            log::debug!("Host socket of {key:?} failed: {e}");
             self.kill(key, true);
             return false;
         }
@@ -660,7 +660,7 @@ impl Muxer {
             match res {
                 Ok(()) => conn.registered = want,
                 Err(e) => {
-                    log::warn!("vsock: cannot watch the host socket of {key:?}: {e}");
+                    log::warn!("Cannot watch the host socket of {key:?}: {e}");
                     self.kill(key, true);
                     return;
                 }
@@ -798,7 +798,7 @@ impl Muxer {
             return false;
         }
         if conn.tx_data_pending() + len > CONN_BUF_SIZE as usize {
-            log::debug!("vsock: guest overran its credit on {key:?}");
+            log::debug!("Guest overran its credit on {key:?}");
             self.stats.credit_violations += 1;
             self.kill(key, true);
             return false;
@@ -809,7 +809,7 @@ impl Muxer {
                 Ok(n) => sent = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    log::debug!("vsock: host socket of {key:?} failed: {e}");
+                    log::debug!("Host socket of {key:?} failed: {e}");
                     self.kill(key, true);
                     return false;
                 }
@@ -832,8 +832,9 @@ impl Muxer {
             return;
         }
         if self.full() {
-            log::warn!(
-                "vsock: too many connections; refusing guest port {}",
+            // Guest-triggered: not worth a warning per packet.
+            log::debug!(
+                "Too many connections; refusing guest port {}",
                 key.peer_port
             );
             self.queue_rst(key);
@@ -844,10 +845,7 @@ impl Muxer {
         let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
-                log::debug!(
-                    "vsock: guest connect to {}: {e}",
-                    Path::new(&path).display()
-                );
+                log::debug!("Guest connect to {}: {e}", Path::new(&path).display());
                 self.queue_rst(key);
                 return;
             }
@@ -951,7 +949,7 @@ impl Muxer {
                     conn.readable = false;
                 }
                 Err(e) => {
-                    log::debug!("vsock: host socket of {key:?} failed: {e}");
+                    log::debug!("Host socket of {key:?} failed: {e}");
                     self.kill(key, true);
                     return RxFill::Nothing;
                 }

@@ -227,7 +227,7 @@ impl VsockWorker {
 
     fn muxer_error(e: io::Error) -> WorkerError {
         WorkerError::Io {
-            what: "vsock: host socket poll failed".into(),
+            what: "Host socket poll failed".into(),
             source: e,
         }
     }
