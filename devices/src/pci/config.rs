@@ -134,7 +134,7 @@ impl PciConfig {
         if size < 16 || !size.is_power_of_two() || (!is_64bit && size > 1 << 31) {
             return Err(ConfigError::BarSize(size));
         }
-        if addr % size != 0 || (!is_64bit && addr + size > 1 << 32) {
+        if !addr.is_multiple_of(size) || (!is_64bit && addr + size > 1 << 32) {
             return Err(ConfigError::BarAlignment { addr, size });
         }
         let flags = if is_64bit { BAR_MEM_64BIT } else { 0 }

@@ -201,7 +201,7 @@ impl Msix {
     /// Table entry and dword field for an access: 4- or 8-byte aligned
     /// accesses only, as the PCI spec requires; others are dropped.
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
-        if !(len == 4 || len == 8) || offset % len as u64 != 0 {
+        if !(len == 4 || len == 8) || !offset.is_multiple_of(len as u64) {
             return None;
         }
         let index = usize::try_from(offset / ENTRY_SIZE).ok()?;
@@ -210,7 +210,7 @@ impl Msix {
 
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if !(data.len() == 4 || data.len() == 8) || offset % data.len() as u64 != 0 {
+        if !(data.len() == 4 || data.len() == 8) || !offset.is_multiple_of(data.len() as u64) {
             return;
         }
         let mut bytes = Vec::with_capacity(self.pba.len() * 8);

@@ -202,7 +202,7 @@ impl VirtioPciDevice {
         // One vector per queue plus one for configuration changes.
         let vectors = num_queues as u16 + 1;
         let msix = Msix::new(vectors, link.clone()).map_err(link_err)?;
-        let table_size = u16::try_from(msix.count() - 1).unwrap_or(0);
+        let table_size = msix.count() - 1;
         let mut msix_body = Vec::with_capacity(10);
         msix_body.extend_from_slice(&table_size.to_le_bytes());
         msix_body.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes());
@@ -448,12 +448,11 @@ impl VirtioPciDevice {
         }
         let starting = value & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
         self.status = value;
-        if starting && !self.signals.needs_reset.load(Ordering::SeqCst) {
-            if let Err(e) = self.activate() {
+        if starting && !self.signals.needs_reset.load(Ordering::SeqCst)
+            && let Err(e) = self.activate() {
                 log::warn!("{}: cannot start: {e}", self.device.name());
                 self.signals.set_needs_reset();
             }
-        }
     }
 
     fn activate(&mut self) -> Result<(), super::ActivateError> {
@@ -641,15 +640,14 @@ fn class_code(device_type: u32) -> u32 {
 
 impl PciDevice for VirtioPciDevice {
     fn read_config(&mut self, offset: usize, data: &mut [u8]) {
-        if self.pci_cfg_data_range().contains(&offset) {
-            if let Some((bar_offset, len)) = self.pci_cfg_window() {
+        if self.pci_cfg_data_range().contains(&offset)
+            && let Some((bar_offset, len)) = self.pci_cfg_window() {
                 let mut buf = [0u8; 4];
                 self.read_bar0(bar_offset, &mut buf[..len]);
                 let n = data.len().min(len);
                 data[..n].copy_from_slice(&buf[..n]);
                 return;
             }
-        }
         self.config.read(offset, data);
     }
 
@@ -753,9 +751,12 @@ mod tests {
     use crate::virtio::ActivateError;
     use vm_memory::GuestMemoryMmap;
 
+    /// (queue indexes, acked features) of each activation.
+    type Activations = Arc<Mutex<Vec<(Vec<u16>, u64)>>>;
+
     #[derive(Default)]
     struct Probe {
-        activations: Arc<Mutex<Vec<(Vec<u16>, u64)>>>,
+        activations: Activations,
         interrupt: Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>,
         resets: Arc<Mutex<usize>>,
     }
@@ -798,7 +799,7 @@ mod tests {
     struct Rig {
         dev: VirtioPciDevice,
         link: Arc<FakeLink>,
-        activations: Arc<Mutex<Vec<(Vec<u16>, u64)>>>,
+        activations: Activations,
         interrupt: Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>,
         resets: Arc<Mutex<usize>>,
     }
@@ -979,7 +980,7 @@ mod tests {
         w(dev, 0x08, 1, 4);
         w(dev, 0x0c, 1, 4);
         w(dev, 0x14, 0x0b, 1);
-        w(dev, 0x20, u64::MAX & !0xf, 8);
+        w(dev, 0x20, !0xf, 8);
         w(dev, 0x1c, 1, 2);
         w(dev, 0x14, 0x0f, 1);
         assert!(rig.activations.lock().unwrap().is_empty());
