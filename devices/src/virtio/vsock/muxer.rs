@@ -328,6 +328,17 @@ impl Muxer {
             EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
         )?;
         let timer = TimerFd::new()?;
+        // Reading a timer that was re-armed after it fired must not block
+        // the worker.
+        // SAFETY: fcntl on an fd we own, with flags we just read back.
+        let flags = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
+                < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
         epoll.ctl(
             ControlOperation::Add,
             timer.as_raw_fd(),

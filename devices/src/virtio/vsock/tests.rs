@@ -360,6 +360,25 @@ fn host_connection_refused_by_guest_is_closed() {
 }
 
 #[test]
+fn an_unanswered_host_connect_times_out() {
+    let mut h = Harness::new("timeout");
+    h.post_rx(4);
+    let mut host = UnixStream::connect(h.socket()).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    host.write_all(b"CONNECT 88\n").unwrap();
+    let (req, _) = h.recv().unwrap();
+    assert_eq!(req.op, OP_REQUEST);
+    let start = Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(host.read(&mut b).unwrap(), 0);
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    let (rst, _) = h.recv().unwrap();
+    assert_eq!((rst.op, rst.dst_port), (OP_RST, 88));
+}
+
+#[test]
 fn bad_connect_lines_are_dropped() {
     let mut h = Harness::new("badline");
     h.post_rx(4);
