@@ -253,9 +253,9 @@ fn virtio_devices_with_a_debian_guest() {
     let ro_image_before = sha256_file(&share.join("ro.img"));
     let token = format!("{:x}", std::process::id() ^ 0x5eed);
 
-    // Two vCPUs: the guest hashes the data while nc moves it.
+    // One vCPU: with two, the guest has been seen to stall (RCU) under the
+    // load of both transfers in the nested lab.
     let net = guest("net")
-        .cpus(2)
         .net_tap(TAP, HOST_IP, "255.255.255.0")
         .command();
     let console = guest("console")
