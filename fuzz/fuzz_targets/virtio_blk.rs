@@ -134,7 +134,11 @@ fuzz_target!(|data: &[u8]| {
             rw: disk(memfd_path(), false),
             ro: disk(memfd_path(), true),
         });
-        let block = if flags & 0x02 != 0 { &disks.ro } else { &disks.rw };
+        let block = if flags & 0x02 != 0 {
+            &disks.ro
+        } else {
+            &disks.rw
+        };
         let mut features = block.features();
         if flags & 0x01 == 0 {
             features &= !keel_devices::virtio::features::RING_EVENT_IDX;
