@@ -388,7 +388,26 @@ impl Uring {
     /// A ring of `entries` submission entries whose completions signal an
     /// eventfd; fails when the kernel lacks io_uring or the operations the
     /// device uses.
+    ///
+    /// The ring is made on a short-lived thread of its own: the kernel ties
+    /// a ring to the task that creates it, and tearing the ring down later
+    /// queues task work on that task, which makes its next interruptible
+    /// system call fail with EINTR — KVM_CREATE_VM on the main thread after
+    /// the startup probe, KVM_RUN on a vCPU thread that activated the disk.
+    /// A thread that has exited takes that work with it.
     pub fn new(entries: u32) -> io::Result<Self> {
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("io_uring setup".into())
+                .spawn_scoped(s, move || Uring::create(entries))
+                .and_then(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("io_uring setup panicked")))
+                })
+        })
+    }
+
+    fn create(entries: u32) -> io::Result<Self> {
         let ring = IoUring::new(entries.next_power_of_two().max(8))?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
