@@ -92,13 +92,14 @@ impl<W: QueueWorker> WorkerHandle<W> {
         events.add(stop_fd.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
         worker.register(&events)?;
         let thread = std::thread::Builder::new()
-            .name(name.clone())
+            .name(name)
             .spawn(move || {
                 let outcome = catch_unwind(AssertUnwindSafe(|| run(&mut worker, &events)));
                 match outcome {
                     Ok(Ok(())) => return Some(worker),
-                    Ok(Err(e)) => log::error!("{name}: {}", error_chain(&e)),
-                    Err(_) => log::error!("{name}: worker panicked"),
+                    // The log line carries the thread's name (the device).
+                    Ok(Err(e)) => log::error!("{}; the device needs a reset", error_chain(&e)),
+                    Err(_) => log::error!("Worker panicked; the device needs a reset"),
                 }
                 interrupt.set_needs_reset();
                 // Idle until the device is reset or the VM goes away. The
