@@ -227,16 +227,40 @@ fn hostile_guest_against_net() {
     assert_eq!(attacked, ["net"]);
 }
 
+#[test]
+fn hostile_guest_against_vsock() {
+    let s = Scratch::new("hostile-vsock");
+    let vsock = format!("cid=3,socket={}", s.dir.join("v.sock").display());
+    let (_, _, attacked) = hostile("vsock", &["--vsock", &vsock]);
+    assert_eq!(attacked, ["vsock"]);
+}
+
 /// All devices at once: attacks on one must not disturb the others, which
 /// serve well-behaved requests at the end (`<dev>.final`).
 #[test]
 fn hostile_guest_against_every_device_at_once() {
     let s = Scratch::new("hostile-all");
     let (disk, console) = (s.disk_arg(), s.console_arg());
-    let (run, report, attacked) =
-        hostile("all", &["--disk", &disk, "--rng", "--console", &console]);
-    assert_eq!(attacked, ["blk", "console", "rng"], "{}", run.stdout);
-    for device in ["blk", "console", "rng"] {
+    let vsock = format!("cid=3,socket={}", s.dir.join("v.sock").display());
+    let (run, report, attacked) = hostile(
+        "all",
+        &[
+            "--disk",
+            &disk,
+            "--rng",
+            "--console",
+            &console,
+            "--vsock",
+            &vsock,
+        ],
+    );
+    assert_eq!(
+        attacked,
+        ["blk", "console", "rng", "vsock"],
+        "{}",
+        run.stdout
+    );
+    for device in ["blk", "console", "rng", "vsock"] {
         let name = format!("{device}.final");
         assert!(
             report.hostile.iter().any(|(n, _)| *n == name),
