@@ -300,6 +300,25 @@ impl Vcpu {
         self.fd.get_regs().ok().map(|r| r.rip)
     }
 
+    /// Logs where the vCPU stood when the VM died, for the bug report.
+    fn log_crash_state(&self) {
+        if let (Ok(r), Ok(s)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            log::error!(
+                "vCPU {} at CS {:#x} (base {:#x}) RIP {:#x} RSP {:#x} RFLAGS {:#x} CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x}",
+                self.id,
+                s.cs.selector,
+                s.cs.base,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer
+            );
+        }
+    }
+
     /// Runs the guest until `stop` is raised or an exit ends the VM.
     pub fn run(&mut self, stop: &AtomicBool) -> Option<VcpuStop> {
         while !stop.load(Ordering::Acquire) {
@@ -311,6 +330,12 @@ impl Vcpu {
                 Err(e) => ExitAction::Stop(VcpuStop::RunFailed(e.to_string())),
             };
             if let ExitAction::Stop(reason) = action {
+                if matches!(
+                    reason,
+                    VcpuStop::TripleFault { .. } | VcpuStop::InternalError { .. }
+                ) {
+                    self.log_crash_state();
+                }
                 return Some(match reason {
                     VcpuStop::TripleFault { .. } => VcpuStop::TripleFault { rip: self.rip() },
                     VcpuStop::InternalError { .. } => VcpuStop::InternalError { rip: self.rip() },
