@@ -38,13 +38,6 @@ const fn bit(b: u32) -> u64 {
 }
 
 /// Features every Keel NIC offers (on top of [`features::COMMON`]).
-///
-/// VIRTIO_NET_F_MRG_RXBUF is implemented (`QueuePair` with `mrg_rxbuf`,
-/// covered by the unit tests and the fuzzer) but not offered: with it, a
-/// Debian 6.1 guest moving TCP traffic in the nested lab hung or
-/// triple-faulted in about half of the runs (with or without guest
-/// offloads), and never without it (`ci/lab` repro in the issue 4 note).
-/// Until that is understood, Linux uses its "big packets" receive mode.
 const BASE_FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_GUEST_CSUM)
     | bit(VIRTIO_NET_F_GUEST_TSO4)
@@ -55,6 +48,7 @@ const BASE_FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_HOST_UFO)
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_STATUS);
 

@@ -242,8 +242,11 @@ fn gather(
             return Err(BadChain::WrongDirection);
         }
         let len = desc.len() as usize;
-        total += len;
-        if total > MAX_CHAIN_LEN {
+        total = total.saturating_add(len);
+        // A frame to send is at most a header and a 64 KiB frame; a receive
+        // buffer may be larger (Linux's "big packets" chains are 17 pages
+        // and a header): only what a frame needs of it gets written.
+        if !writable && total > MAX_CHAIN_LEN {
             return Err(BadChain::TooLong);
         }
         if len == 0 {
