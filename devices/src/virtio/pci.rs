@@ -448,11 +448,13 @@ impl VirtioPciDevice {
         }
         let starting = value & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
         self.status = value;
-        if starting && !self.signals.needs_reset.load(Ordering::SeqCst)
-            && let Err(e) = self.activate() {
-                log::warn!("{}: cannot start: {e}", self.device.name());
-                self.signals.set_needs_reset();
-            }
+        if starting
+            && !self.signals.needs_reset.load(Ordering::SeqCst)
+            && let Err(e) = self.activate()
+        {
+            log::warn!("{}: cannot start: {e}", self.device.name());
+            self.signals.set_needs_reset();
+        }
     }
 
     fn activate(&mut self) -> Result<(), super::ActivateError> {
@@ -641,13 +643,14 @@ fn class_code(device_type: u32) -> u32 {
 impl PciDevice for VirtioPciDevice {
     fn read_config(&mut self, offset: usize, data: &mut [u8]) {
         if self.pci_cfg_data_range().contains(&offset)
-            && let Some((bar_offset, len)) = self.pci_cfg_window() {
-                let mut buf = [0u8; 4];
-                self.read_bar0(bar_offset, &mut buf[..len]);
-                let n = data.len().min(len);
-                data[..n].copy_from_slice(&buf[..n]);
-                return;
-            }
+            && let Some((bar_offset, len)) = self.pci_cfg_window()
+        {
+            let mut buf = [0u8; 4];
+            self.read_bar0(bar_offset, &mut buf[..len]);
+            let n = data.len().min(len);
+            data[..n].copy_from_slice(&buf[..n]);
+            return;
+        }
         self.config.read(offset, data);
     }
 

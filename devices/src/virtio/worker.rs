@@ -91,30 +91,28 @@ impl<W: QueueWorker> WorkerHandle<W> {
         };
         events.add(stop_fd.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
         worker.register(&events)?;
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let outcome = catch_unwind(AssertUnwindSafe(|| run(&mut worker, &events)));
-                match outcome {
-                    Ok(Ok(())) => return Some(worker),
-                    // The log line carries the thread's name (the device).
-                    Ok(Err(e)) => log::error!("{}; the device needs a reset", error_chain(&e)),
-                    Err(_) => log::error!("Worker panicked; the device needs a reset"),
-                }
-                interrupt.set_needs_reset();
-                // Idle until the device is reset or the VM goes away. The
-                // worker's own fds may stay ready forever, so wait on the
-                // stop eventfd alone.
-                drop(events);
-                let mut pfd = libc::pollfd {
-                    fd: stop_fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
-                None
-            })?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let outcome = catch_unwind(AssertUnwindSafe(|| run(&mut worker, &events)));
+            match outcome {
+                Ok(Ok(())) => return Some(worker),
+                // The log line carries the thread's name (the device).
+                Ok(Err(e)) => log::error!("{}; the device needs a reset", error_chain(&e)),
+                Err(_) => log::error!("Worker panicked; the device needs a reset"),
+            }
+            interrupt.set_needs_reset();
+            // Idle until the device is reset or the VM goes away. The
+            // worker's own fds may stay ready forever, so wait on the
+            // stop eventfd alone.
+            drop(events);
+            let mut pfd = libc::pollfd {
+                fd: stop_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
+            None
+        })?;
         Ok(WorkerHandle {
             stop,
             thread: Some(thread),
