@@ -368,7 +368,27 @@ fn virtio_devices_with_a_debian_guest() {
     assert_eq!(sha256_file(&share.join("ro.img")), ro_image_before);
 
     // (d) Network: ping, then 100 MiB each way with matching checksums.
-    let case = results.get("net");
+    // Sustained TCP in the nested lab sometimes stalls the L2 guest under
+    // any VMM (QEMU included: TCG's emulated SVM, see the issue 4 note), so
+    // a run that did not end cleanly gets one more try in a fresh L1. The
+    // first failure is printed, never hidden.
+    let mut case = results.get("net").clone();
+    if !case.has_line("KEEL-L1 VMM-EXIT 0") {
+        eprintln!(
+            "lab_virtio: the net case did not end cleanly; retrying once in a fresh L1. First run:\n{}",
+            case.output()
+        );
+        let mut retry = LabSession::new().smp(2);
+        if vmm == Vmm::QemuQ35 {
+            retry = retry.with_qemu();
+        }
+        let rerun = retry
+            .case_with_timeout("net", net_script(&net), 150)
+            .run()
+            .expect("the lab ran");
+        case = rerun.get("net").clone();
+    }
+    let case = &case;
     assert_ran(case);
     assert!(case.has_line("KEEL-L1 VMM-EXIT 0"), "{}", case.output());
     assert_eq!(case.value("KEEL-L2 PING"), Some("3/3"), "{}", case.output());
