@@ -4,9 +4,13 @@
 //! same documents can drive either VMM; [`options`] parses the command-line
 //! form (`--cpus boot=2,max=4`) into the same types.
 
+pub mod client;
 pub mod device_config;
+pub mod http;
 pub mod options;
+pub mod request;
 pub mod vm_config;
+pub mod vmm_api;
 
 pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig, VsockConfig};
 pub use vm_config::{

@@ -265,6 +265,49 @@ impl VmConfig {
     }
 }
 
+impl VmConfig {
+    /// Every device id in use (named by the user or by
+    /// [`assign_device_ids`](Self::assign_device_ids)).
+    pub fn device_ids(&self) -> Vec<&str> {
+        let disks = self.disks.iter().filter_map(|d| d.id.as_deref());
+        let nets = self.net.iter().filter_map(|n| n.id.as_deref());
+        let vsock = self.vsock.iter().filter_map(|v| v.id.as_deref());
+        disks.chain(nets).chain(vsock).collect()
+    }
+
+    /// Names every unnamed disk, NIC and vsock device the way Cloud
+    /// Hypervisor does (`_disk0`, `_net1`, `_vsock2`: a prefix and a
+    /// counter), so that `vm.info` shows, and `vm.remove-device` takes, an
+    /// id for each.
+    pub fn assign_device_ids(&mut self) {
+        let mut taken: std::collections::BTreeSet<String> =
+            self.device_ids().into_iter().map(str::to_string).collect();
+        let mut counter = 0u32;
+        let mut next = |prefix: &str| loop {
+            let id = format!("{prefix}{counter}");
+            counter += 1;
+            if taken.insert(id.clone()) {
+                return id;
+            }
+        };
+        for disk in &mut self.disks {
+            if disk.id.is_none() {
+                disk.id = Some(next("_disk"));
+            }
+        }
+        for net in &mut self.net {
+            if net.id.is_none() {
+                net.id = Some(next("_net"));
+            }
+        }
+        if let Some(vsock) = &mut self.vsock
+            && vsock.id.is_none()
+        {
+            vsock.id = Some(next("_vsock"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@
 //! | `POWEROFF` | About to write S5 to PM1a_CNT or the sleep control register. |
 //! | `REBOOTING` / `SECOND-BOOT` | `keel.mode=reboot`, before the reset and after it (CMOS byte 0x40 kept). |
 //! | `TRIPLEFAULT` / `HALT` / `SPIN` | The other modes, after the report. |
+//! | `TICK <n>` | `keel.mode=tick`: a counter, about every 25 ms, forever. |
 //! | `VIRTIO <what>` | `keel.mode=virtio` and `hostile`: a virtio-pci device found (`pci 00:01.0 blk`) or a well-behaved request's result (`rng ok`, `blk sector0 <checksum>`, `blk write ok`, `blk id <id>`, `blk capacity <sectors>`, `console ok`), then `done`. |
 //! | `HOSTILE <dev>.<attack> <outcome>` | `keel.mode=hostile`: one attack on one device and what came of it (see [`hostile_outcome_acceptable`]); `<dev>.final` is a well-behaved request after all attacks. |
 //! | `HOSTILE done` | The hostile run finished. |
@@ -56,6 +57,8 @@ pub enum Mode {
     Halt,
     /// Loop forever without exits.
     Spin,
+    /// Print `TICK <n>` about every 25 ms, forever (a running counter).
+    Tick,
     /// Drive every virtio-pci device with well-behaved requests (`VIRTIO`
     /// lines), then power off.
     Virtio,
@@ -72,6 +75,7 @@ impl Mode {
             Mode::TripleFault => "triplefault",
             Mode::Halt => "halt",
             Mode::Spin => "spin",
+            Mode::Tick => "tick",
             Mode::Virtio => "virtio",
             Mode::Hostile => "hostile",
         }
@@ -107,6 +111,7 @@ pub enum GuestLine {
     TripleFault,
     Halt,
     Spin,
+    Tick(u64),
     Virtio(String),
     Hostile { name: String, outcome: String },
     HostileDone,
@@ -162,6 +167,7 @@ fn parse_body(body: &str) -> Option<GuestLine> {
         "TRIPLEFAULT" => GuestLine::TripleFault,
         "HALT" => GuestLine::Halt,
         "SPIN" => GuestLine::Spin,
+        "TICK" => GuestLine::Tick(args.next()?.parse().ok()?),
         "VIRTIO" if !rest.is_empty() => return Some(GuestLine::Virtio(rest.to_string())),
         "HOSTILE" if rest == "done" => return Some(GuestLine::HostileDone),
         "HOSTILE" => GuestLine::Hostile {
@@ -201,6 +207,8 @@ pub struct GuestReport {
     pub triple_fault: bool,
     pub halt: bool,
     pub spin: bool,
+    /// The last `TICK` counter seen.
+    pub last_tick: Option<u64>,
     /// The bodies of the `VIRTIO` lines, in order.
     pub virtio: Vec<String>,
     /// `(name, outcome)` of each `HOSTILE` line but the last, in order.
@@ -245,6 +253,7 @@ impl GuestReport {
             GuestLine::TripleFault => self.triple_fault = true,
             GuestLine::Halt => self.halt = true,
             GuestLine::Spin => self.spin = true,
+            GuestLine::Tick(n) => self.last_tick = Some(n),
             GuestLine::Virtio(body) => self.virtio.push(body),
             GuestLine::Hostile { name, outcome } => self.hostile.push((name, outcome)),
             GuestLine::HostileDone => self.hostile_done = true,

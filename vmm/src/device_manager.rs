@@ -4,12 +4,14 @@
 //! the CMOS NVRAM and the console survive a reboot as they would on a PC,
 //! and disks, taps and sockets stay open.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use keel_api::vmm_api::{DeviceNode, VmCounters};
 use keel_api::{ConsoleConfig, ConsoleOutputMode, VmConfig};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
@@ -80,6 +82,13 @@ pub enum DeviceError {
     Console(#[from] keel_devices::virtio::console::ConsoleError),
 }
 
+/// A virtio device on the PCI bus, by the id the API knows it by.
+struct VirtioSlot {
+    id: String,
+    slot: usize,
+    transport: Arc<Mutex<VirtioPciDevice>>,
+}
+
 pub struct DeviceManager {
     buses: Buses,
     link: Arc<KvmLink>,
@@ -87,7 +96,7 @@ pub struct DeviceManager {
     serial_output: Option<ConsoleOutput>,
     pci: Arc<Mutex<PciSegment>>,
     bar_space: AddressAllocator,
-    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    virtio: Vec<VirtioSlot>,
     console_output: Option<ConsoleOutput>,
     /// With `--console tty`: where the terminal's keystrokes go (the other
     /// end is the virtio console's input).
@@ -195,15 +204,15 @@ impl DeviceManager {
             console_output: None,
             console_input: None,
         };
-        for device in virtio_devices(config)? {
-            manager.add_virtio(device)?;
+        for (id, device) in virtio_devices(config)? {
+            manager.add_virtio(id, device)?;
         }
         manager.add_console(&config.console)?;
         Ok(manager)
     }
 
     /// Puts a virtio device on the PCI bus behind its own transport.
-    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), DeviceError> {
+    fn add_virtio(&mut self, id: String, device: Box<dyn VirtioDevice>) -> Result<(), DeviceError> {
         let name = device.name();
         let range = self
             .bar_space
@@ -216,8 +225,15 @@ impl DeviceManager {
             link,
         )?));
         let slot = keel_devices::bus::lock(&self.pci).add(transport.clone())?;
-        log::info!("{name} at PCI 00:{slot:02x}.0, BAR0 {:#x}", range.start());
-        self.virtio.push(transport);
+        log::info!(
+            "{name} {id} at PCI 00:{slot:02x}.0, BAR0 {:#x}",
+            range.start()
+        );
+        self.virtio.push(VirtioSlot {
+            id,
+            slot,
+            transport,
+        });
         Ok(())
     }
 
@@ -252,7 +268,7 @@ impl DeviceManager {
         } else {
             Console::new(output, None)?
         };
-        self.add_virtio(Box::new(console))
+        self.add_virtio(CONSOLE_ID.to_string(), Box::new(console))
     }
 
     /// The write end of the virtio console's input (`--console tty`), for
@@ -273,8 +289,8 @@ impl DeviceManager {
     /// doorbells and guest memory.
     pub fn attach(&self, vm: Arc<VmFd>, memory: &GuestMemory) -> Result<(), DeviceError> {
         self.link.attach(vm)?;
-        for transport in &self.virtio {
-            keel_devices::bus::lock(transport).set_memory(memory.clone());
+        for v in &self.virtio {
+            keel_devices::bus::lock(&v.transport).set_memory(memory.clone());
         }
         Ok(())
     }
@@ -284,6 +300,34 @@ impl DeviceManager {
     pub fn reset(&self) {
         keel_devices::bus::lock(&self.pci).reset();
         self.link.detach();
+    }
+
+    /// Each device's live statistics (`vm.counters`), by device id.
+    pub fn counters(&self) -> VmCounters {
+        let mut all = VmCounters::new();
+        for v in &self.virtio {
+            let counters = keel_devices::bus::lock(&v.transport).counters();
+            if !counters.is_empty() {
+                let named = counters.into_iter().map(|(k, n)| (k.to_string(), n));
+                all.insert(v.id.clone(), named.collect());
+            }
+        }
+        all
+    }
+
+    /// The devices by id with their PCI addresses (`vm.info`).
+    pub fn device_tree(&self) -> BTreeMap<String, DeviceNode> {
+        self.virtio
+            .iter()
+            .map(|v| {
+                let node = DeviceNode {
+                    id: v.id.clone(),
+                    pci_bdf: Some(format!("0000:00:{:02x}.0", v.slot)),
+                    ..Default::default()
+                };
+                (v.id.clone(), node)
+            })
+            .collect()
     }
 
     /// Stops every device and delivers all pending console output.
@@ -297,20 +341,34 @@ impl DeviceManager {
     }
 }
 
-/// The virtio devices the configuration asks for, in PCI slot order.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+/// Ids of the devices a configuration cannot name (Cloud Hypervisor's).
+const RNG_ID: &str = "__rng";
+const CONSOLE_ID: &str = "__console";
+
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+/// The virtio devices the configuration asks for, in PCI slot order, with
+/// their ids (unnamed ones as [`VmConfig::assign_device_ids`] names them).
+fn virtio_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, DeviceError> {
+    let mut config = config.clone();
+    config.assign_device_ids();
+    let id = |id: &Option<String>| id.clone().unwrap_or_default();
+    let mut devices: Vec<NamedDevice> = Vec::new();
     if let Some(rng) = &config.rng {
-        devices.push(Box::new(keel_devices::virtio::rng::Rng::new(rng)?));
+        let rng = keel_devices::virtio::rng::Rng::new(rng)?;
+        devices.push((RNG_ID.to_string(), Box::new(rng)));
     }
     for disk in &config.disks {
-        devices.push(Box::new(keel_devices::virtio::block::Block::new(disk)?));
+        let block = keel_devices::virtio::block::Block::new(disk)?;
+        devices.push((id(&disk.id), Box::new(block)));
     }
     for (index, net) in config.net.iter().enumerate() {
-        devices.push(Box::new(keel_devices::virtio::net::Net::new(net, index)?));
+        let nic = keel_devices::virtio::net::Net::new(net, index)?;
+        devices.push((id(&net.id), Box::new(nic)));
     }
     if let Some(vsock) = &config.vsock {
-        devices.push(Box::new(keel_devices::virtio::vsock::Vsock::new(vsock)?));
+        let device = keel_devices::virtio::vsock::Vsock::new(vsock)?;
+        devices.push((id(&vsock.id), Box::new(device)));
     }
     Ok(devices)
 }

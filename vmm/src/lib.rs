@@ -1,32 +1,38 @@
 //! keel-vmm: a virtual machine monitor on KVM and the rust-vmm crates.
 //!
-//! [`run`] boots a VM from a [`VmConfig`] and drives it until the guest
-//! powers off, crashes, or the user quits; a guest reset boots it again in
-//! the same process.
+//! [`run_vmm`] boots a VM from a [`VmConfig`] and/or serves the REST API,
+//! and drives the VM until the guest powers off, crashes, or the user
+//! quits; a guest reset boots it again in the same process. The lifecycle
+//! lives in [`control`].
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod console;
+pub mod control;
 pub mod cpu;
 pub mod device_manager;
+pub mod event_monitor;
 pub mod logger;
 pub mod memory;
 pub mod terminal;
 pub mod vm;
 pub mod vm_link;
 
-use std::sync::Arc;
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc::{self, Sender};
 
-use keel_api::{ConfigError, ConsoleOutputMode, VmConfig};
+use keel_api::{ConfigError, VmConfig};
 use keel_devices::{PlatformEvent, PlatformEvents};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use thiserror::Error;
 
+use control::Control;
 use cpu::VcpuStop;
-use device_manager::{DeviceError, DeviceManager};
-use vm::{Hypervisor, Vm, VmError};
+use device_manager::DeviceError;
+use event_monitor::EventMonitor;
+use vm::{Hypervisor, VmError};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -42,6 +48,8 @@ pub enum Error {
     Vm(#[from] VmError),
     #[error("Cannot start the console input thread")]
     ConsoleInput(#[source] std::io::Error),
+    #[error("Cannot start the API server thread")]
+    ApiThread(#[source] std::io::Error),
 }
 
 /// Something the control loop must react to.
@@ -54,9 +62,11 @@ pub enum VmEvent {
     },
     /// The user typed the quit sequence on the serial console.
     ConsoleQuit,
+    /// A request from the API socket.
+    Api(api::ApiRequest),
 }
 
-/// How a VM's life ended.
+/// How the VMM's life ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     PoweredOff,
@@ -67,22 +77,33 @@ pub enum Outcome {
         vcpu: u8,
         reason: VcpuStop,
     },
-    /// The user quit from the console.
+    /// The user quit from the console, or asked the API (`vmm.shutdown`).
     Quit,
+    /// The guest reset and the VM could not be built again.
+    BootFailed(String),
 }
 
 struct EventSender(Sender<VmEvent>);
 
 impl PlatformEvents for EventSender {
     fn notify(&self, event: PlatformEvent) {
-        // The receiver lives as long as the VM; nothing to do if it is gone.
+        // The receiver lives as long as the VMM; nothing to do if it is gone.
         let _ = self.0.send(VmEvent::Platform(event));
     }
 }
 
-/// Boots the VM and runs it to the end of its life.
-pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
-    config.validate()?;
+/// What the VMM process is asked to do.
+pub struct VmmOptions {
+    /// A VM to create and boot at once (the command line's `--kernel` …).
+    pub config: Option<VmConfig>,
+    /// Serve the REST API here (`--api-socket`).
+    pub api: Option<UnixListener>,
+    pub events: EventMonitor,
+}
+
+/// Runs the VMM: boots the command line's VM, if any, serves the API, if
+/// any, and returns when the VMM should exit.
+pub fn run_vmm(options: VmmOptions) -> Result<Outcome, Error> {
     let kvm = Kvm::new().map_err(Error::OpenKvm)?;
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -91,58 +112,22 @@ pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
         kvm,
         supported_cpuid,
     };
-    hypervisor.check(config)?;
+    let (tx, rx) = mpsc::channel();
+    let mut control = Control::new(hypervisor, tx.clone(), rx, options.events);
+    if let Some(config) = options.config {
+        control.create_and_boot(config)?;
+    }
+    if let Some(listener) = options.api {
+        api::server::start(listener, tx).map_err(Error::ApiThread)?;
+    }
+    Ok(control.run())
+}
 
-    let (events_tx, events) = mpsc::channel();
-    let mut devices = DeviceManager::new(config, Arc::new(EventSender(events_tx.clone())))?;
-    // The terminal's keys go to whichever console has it (validate() lets
-    // only one have it).
-    let _raw_terminal = match (config.serial.mode, devices.serial()) {
-        (ConsoleOutputMode::Tty, Some(serial)) => {
-            terminal::spawn_input(serial, events_tx.clone()).map_err(Error::ConsoleInput)?;
-            terminal::RawTerminal::enable()
-        }
-        _ => match devices.take_console_input() {
-            Some(pipe) => {
-                terminal::spawn_input_pipe(pipe, events_tx.clone()).map_err(Error::ConsoleInput)?;
-                terminal::RawTerminal::enable()
-            }
-            None => None,
-        },
-    };
-
-    let mut boots = 0u32;
-    let outcome = loop {
-        let vm = Vm::new(&hypervisor, config, &devices)?;
-        boots += 1;
-        log::info!("Boot {boots}: starting {} vCPU(s)", config.cpus.boot_vcpus);
-        let running = vm.start(events_tx.clone())?;
-        // The sender half lives in `events_tx`, so this cannot disconnect.
-        let Ok(event) = events.recv() else {
-            break Outcome::Quit;
-        };
-        log::debug!("Control event: {event:?}");
-        running.stop();
-        devices.reset();
-        let event = match event {
-            VmEvent::VcpuStopped {
-                reason: VcpuStop::Platform(event),
-                ..
-            } => VmEvent::Platform(event),
-            other => other,
-        };
-        match event {
-            VmEvent::Platform(PlatformEvent::Reset) => {
-                log::info!("Guest reset: booting again");
-                // Requests raised by the old boot's vCPUs are moot now.
-                while events.try_recv().is_ok() {}
-            }
-            VmEvent::Platform(PlatformEvent::PowerOff) => break Outcome::PoweredOff,
-            VmEvent::Platform(PlatformEvent::GuestPanic) => break Outcome::GuestPanicked,
-            VmEvent::VcpuStopped { id, reason } => break Outcome::Crashed { vcpu: id, reason },
-            VmEvent::ConsoleQuit => break Outcome::Quit,
-        }
-    };
-    devices.finish();
-    Ok(outcome)
+/// Boots the VM and runs it to the end of its life (no API).
+pub fn run(config: &VmConfig) -> Result<Outcome, Error> {
+    run_vmm(VmmOptions {
+        config: Some(config.clone()),
+        api: None,
+        events: EventMonitor::none(),
+    })
 }

@@ -3,13 +3,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
 use clap::Parser;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use keel_api::{
     ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, RngConfig, VmConfig, VsockConfig,
 };
-use keel_vmm::Outcome;
+use keel_vmm::event_monitor::EventMonitor;
+use keel_vmm::{Outcome, VmmOptions};
 
 /// Exit statuses, documented in the README.
 const EXIT_BAD_INPUT: u8 = 1;
@@ -69,6 +73,82 @@ struct Cli {
     /// Write the log here instead of stderr.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// Serve the REST API (Cloud Hypervisor's) on this Unix socket. Without
+    /// --kernel, wait for vm.create and vm.boot.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    api_socket: Option<String>,
+    /// Write lifecycle and device events here, one JSON object per line.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    event_monitor: Option<String>,
+}
+
+/// `path=PATH` or `fd=N` (a bare path is taken as `path=`).
+enum Endpoint {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+fn parse_endpoint(option: &str, value: &str) -> Result<Endpoint, String> {
+    let bad = || format!("--{option} {value}: expected path=PATH or fd=N");
+    if let Some(path) = value.strip_prefix("path=") {
+        if path.is_empty() || path.contains(',') {
+            return Err(bad());
+        }
+        return Ok(Endpoint::Path(PathBuf::from(path)));
+    }
+    if let Some(fd) = value.strip_prefix("fd=") {
+        return fd
+            .parse::<i32>()
+            .ok()
+            .filter(|fd| *fd >= 3)
+            .map(Endpoint::Fd)
+            .ok_or_else(|| format!("--{option} {value}: fd must be an open descriptor >= 3"));
+    }
+    if value.is_empty() || value.contains('=') {
+        return Err(bad());
+    }
+    Ok(Endpoint::Path(PathBuf::from(value)))
+}
+
+/// Binds the API socket. A socket file left by a VMM that is gone is
+/// replaced; one that a live VMM answers on is not.
+fn api_listener(value: &str) -> Result<(UnixListener, Option<PathBuf>), String> {
+    match parse_endpoint("api-socket", value)? {
+        Endpoint::Fd(fd) => {
+            // SAFETY: the user handed this descriptor to keel-vmm to own.
+            let listener = unsafe { UnixListener::from_raw_fd(fd) };
+            Ok((listener, None))
+        }
+        Endpoint::Path(path) => {
+            if path.exists() {
+                if UnixStream::connect(&path).is_ok() {
+                    return Err(format!(
+                        "--api-socket: {} is in use by a running VMM; choose another path",
+                        path.display()
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            let listener = UnixListener::bind(&path)
+                .map_err(|e| format!("--api-socket: cannot bind {}: {e}", path.display()))?;
+            Ok((listener, Some(path)))
+        }
+    }
+}
+
+fn event_monitor(value: &str) -> Result<EventMonitor, String> {
+    match parse_endpoint("event-monitor", value)? {
+        Endpoint::Path(path) => EventMonitor::to_path(&path)
+            .map_err(|e| format!("--event-monitor: cannot open {}: {e}", path.display())),
+        Endpoint::Fd(fd) => {
+            // SAFETY: fcntl on any integer is harmless; it only checks.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(format!("--event-monitor: fd {fd} is not open"));
+            }
+            // SAFETY: the descriptor is open and was handed to keel-vmm.
+            Ok(unsafe { EventMonitor::to_fd(fd) })
+        }
+    }
 }
 
 impl Cli {
@@ -168,8 +248,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    let config = match cli.vm_config() {
-        Ok(config) => config,
+    // With an API socket and no kernel, the VM comes later (vm.create).
+    let config = if cli.api_socket.is_some() && cli.kernel.is_none() {
+        None
+    } else {
+        match cli.vm_config() {
+            Ok(config) => Some(config),
+            Err(err) => {
+                eprintln!("keel-vmm: {err}");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        }
+    };
+    let events = match cli.event_monitor.as_deref().map(event_monitor).transpose() {
+        Ok(events) => events.unwrap_or_else(EventMonitor::none),
+        Err(err) => {
+            eprintln!("keel-vmm: {err}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let (api, socket_path) = match cli.api_socket.as_deref().map(api_listener).transpose() {
+        Ok(Some((listener, path))) => (Some(listener), path),
+        Ok(None) => (None, None),
         Err(err) => {
             eprintln!("keel-vmm: {err}");
             return ExitCode::from(EXIT_BAD_INPUT);
@@ -179,7 +279,15 @@ fn main() -> ExitCode {
         eprintln!("keel-vmm: cannot open log file: {err}");
         return ExitCode::from(EXIT_BAD_INPUT);
     }
-    match keel_vmm::run(&config) {
+    let outcome = keel_vmm::run_vmm(VmmOptions {
+        config,
+        api,
+        events,
+    });
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    match outcome {
         Ok(Outcome::PoweredOff | Outcome::Quit) => ExitCode::SUCCESS,
         Ok(Outcome::GuestPanicked) => {
             eprintln!("keel-vmm: the guest kernel panicked (reported through pvpanic)");
@@ -187,6 +295,10 @@ fn main() -> ExitCode {
         }
         Ok(Outcome::Crashed { vcpu, reason }) => {
             eprintln!("keel-vmm: vCPU {vcpu} stopped the VM: {reason}");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Ok(Outcome::BootFailed(why)) => {
+            eprintln!("keel-vmm: cannot boot the VM again after a reset: {why}");
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
         Err(err) => {

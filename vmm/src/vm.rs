@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
 use keel_api::VmConfig;
-use kvm_bindings::{CpuId, kvm_userspace_memory_region};
+use kvm_bindings::{CpuId, kvm_clock_data, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -137,8 +137,9 @@ impl Vm {
         let threads = VcpuThreads::start(self.vcpus, events)?;
         Ok(RunningVm {
             threads: Some(threads),
-            _fd: self.fd,
+            fd: self.fd,
             _memory: self.memory,
+            paused_clock: None,
         })
     }
 }
@@ -207,12 +208,54 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
 pub struct RunningVm {
     threads: Option<VcpuThreads>,
     // Dropped after the threads are joined (field order).
-    _fd: Arc<VmFd>,
+    fd: Arc<VmFd>,
     _memory: GuestMemory,
+    /// The guest's kvmclock when it was paused.
+    paused_clock: Option<kvm_clock_data>,
 }
 
 impl RunningVm {
-    /// Stops every vCPU; the VM is released when this is dropped.
+    /// Parks the vCPUs and freezes the guest's clock: after
+    /// [`resume`](Self::resume) the guest sees no time pass.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        if self.paused_clock.is_some() {
+            return Ok(());
+        }
+        if let Some(threads) = &self.threads {
+            threads.pause();
+        }
+        let clock = self.fd.get_clock().map_err(|source| VmError::Setup {
+            what: "KVM_GET_CLOCK",
+            source,
+        })?;
+        self.paused_clock = Some(clock);
+        Ok(())
+    }
+
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        let Some(mut clock) = self.paused_clock.take() else {
+            return Ok(());
+        };
+        // Only the clock value: no realtime or host-TSC correction, which
+        // would move it forward by the pause.
+        clock.flags = 0;
+        let set = self.fd.set_clock(&clock).map_err(|source| VmError::Setup {
+            what: "KVM_SET_CLOCK",
+            source,
+        });
+        if let Some(threads) = &self.threads {
+            threads.resume();
+        }
+        set
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused_clock.is_some()
+    }
+
+    /// Stops the vCPUs and releases the VM. KVM lets an irqfd's eventfd
+    /// serve one VM at a time, so the old VM must be gone before a reset
+    /// builds the next one.
     pub fn stop(mut self) {
         if let Some(threads) = self.threads.take() {
             threads.stop();

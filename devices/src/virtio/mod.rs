@@ -126,6 +126,10 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's own state, versioned, for snapshots and migration.
     fn state(&self) -> serde_json::Value;
+    /// Live statistics by name, for the API's `vm.counters`.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` from a device's config bytes,

@@ -290,6 +290,10 @@ impl VirtioPciDevice {
         self.device.name()
     }
 
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
+    }
+
     fn status(&self) -> u8 {
         let mut s = self.status;
         if self.signals.needs_reset.load(Ordering::SeqCst) {

@@ -75,6 +75,7 @@ enum mode {
 	MODE_TRIPLEFAULT,
 	MODE_HALT,
 	MODE_SPIN,
+	MODE_TICK,
 	MODE_VIRTIO,
 	MODE_HOSTILE,
 };
@@ -177,6 +178,22 @@ static __attribute__((noreturn)) void halt_forever(void)
 		__asm__ volatile("cli; hlt");
 }
 
+/* A running counter for pause/resume tests: "TICK <n>" about every 25 ms
+ * of TSC time, forever. While the vCPU is paused no line appears. */
+static __attribute__((noreturn)) void tick_forever(void)
+{
+	u64 n = 0, next = rdtsc();
+
+	for (;;) {
+		while (rdtsc() < next)
+			;
+		line("TICK ");
+		put_dec(n++);
+		putc('\n');
+		next = rdtsc() + (1ull << 26);
+	}
+}
+
 static void settle(void)
 {
 	u64 start = rdtsc();
@@ -262,6 +279,8 @@ static enum mode parse_mode(const char *cmdline)
 		return MODE_HALT;
 	if (word_is(v, "spin"))
 		return MODE_SPIN;
+	if (word_is(v, "tick"))
+		return MODE_TICK;
 	if (word_is(v, "virtio"))
 		return MODE_VIRTIO;
 	if (word_is(v, "hostile"))
@@ -565,6 +584,8 @@ __attribute__((noreturn, used)) void keel_main(const struct start_info *si)
 		line("SPIN\n");
 		for (;;)
 			__asm__ volatile("");
+	case MODE_TICK:
+		tick_forever();
 	case MODE_REBOOT:
 		reboot(&acpi);
 	case MODE_VIRTIO:

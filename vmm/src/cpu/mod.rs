@@ -5,10 +5,9 @@ pub mod state;
 pub mod vcpu;
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
-use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -46,9 +45,50 @@ fn install_kick_handler() -> Result<(), CpuError> {
     result.map_err(CpuError::SignalHandler)
 }
 
+/// What the control loop asks of the vCPU threads: keep running, park
+/// (pause), or end.
+#[derive(Default)]
+pub struct RunControl {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    /// How many vCPU threads are parked.
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl RunControl {
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn parked(&self) -> MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a vCPU thread outside KVM_RUN: blocks while the VM is
+    /// paused (and not being stopped).
+    pub fn park_while_paused(&self) {
+        if !self.pause.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.parked();
+        *parked += 1;
+        self.changed.notify_all();
+        while self.pause.load(Ordering::Acquire) && !self.should_stop() {
+            parked = self.changed.wait(parked).unwrap_or_else(|p| p.into_inner());
+        }
+        *parked -= 1;
+    }
+
+    fn wake(&self) {
+        let _guard = self.parked();
+        self.changed.notify_all();
+    }
+}
+
 /// The running vCPU threads of one boot of a VM.
 pub struct VcpuThreads {
-    stop: Arc<AtomicBool>,
+    control: Arc<RunControl>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -57,21 +97,21 @@ impl VcpuThreads {
     /// `events`; the VM's control loop then stops the others.
     pub fn start(vcpus: Vec<Vcpu>, events: Sender<VmEvent>) -> Result<Self, CpuError> {
         install_kick_handler()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(RunControl::default());
         let mut running = VcpuThreads {
-            stop: stop.clone(),
+            control: control.clone(),
             threads: Vec::with_capacity(vcpus.len()),
         };
         for mut vcpu in vcpus {
             let id = vcpu.id();
-            let stop = stop.clone();
+            let control = control.clone();
             let events = events.clone();
             let thread = thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     // A bug in exit handling must end the VM with a report,
                     // not leave it running one vCPU short.
-                    let outcome = panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&stop)))
+                    let outcome = panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&control)))
                         .unwrap_or_else(|_| {
                             Some(VcpuStop::Unexpected("the vCPU thread panicked".into()))
                         });
@@ -95,8 +135,38 @@ impl VcpuThreads {
         self.stop_and_join();
     }
 
+    /// Parks every vCPU outside KVM_RUN and returns once all are parked
+    /// (or have ended). Kicks are repeated, as for [`stop`](Self::stop),
+    /// because one that lands just before KVM_RUN is lost.
+    pub fn pause(&self) {
+        self.control.pause.store(true, Ordering::Release);
+        loop {
+            let ended = self.threads.iter().filter(|t| t.is_finished()).count();
+            let parked = *self.control.parked();
+            if parked + ended >= self.threads.len() {
+                return;
+            }
+            for thread in &self.threads {
+                if !thread.is_finished() {
+                    let _ = thread.kill(kick_signal());
+                }
+            }
+            let guard = self.control.parked();
+            let _ = self
+                .control
+                .changed
+                .wait_timeout(guard, Duration::from_micros(500));
+        }
+    }
+
+    pub fn resume(&self) {
+        self.control.pause.store(false, Ordering::Release);
+        self.control.wake();
+    }
+
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.control.stop.store(true, Ordering::Release);
+        self.control.wake();
         for thread in self.threads.drain(..) {
             let mut kicks = 0u32;
             while !thread.is_finished() {

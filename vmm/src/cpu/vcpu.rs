@@ -2,13 +2,13 @@
 //! repeat, until the VM stops it or the guest does something that ends the VM.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use keel_devices::{Bus, PlatformEvent};
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, kvm_fpu};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
+use super::RunControl;
 use super::state::*;
 use crate::boot::EntryPoint;
 use crate::boot::regs::{boot_regs, boot_sregs};
@@ -319,9 +319,14 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until `stop` is raised or an exit ends the VM.
-    pub fn run(&mut self, stop: &AtomicBool) -> Option<VcpuStop> {
-        while !stop.load(Ordering::Acquire) {
+    /// Runs the guest until told to stop or an exit ends the VM; parks
+    /// while the VM is paused.
+    pub fn run(&mut self, control: &RunControl) -> Option<VcpuStop> {
+        while !control.should_stop() {
+            control.park_while_paused();
+            if control.should_stop() {
+                break;
+            }
             let action = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.buses),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -356,6 +356,21 @@ impl VirtioDevice for Block {
             .clear();
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        let l = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        vec![
+            ("read_bytes", l(&c.read_bytes)),
+            ("read_ops", l(&c.read_ops)),
+            ("write_bytes", l(&c.write_bytes)),
+            ("write_ops", l(&c.write_ops)),
+            ("flush_ops", l(&c.flush_ops)),
+            ("discard_ops", l(&c.discard_ops)),
+            ("write_zeroes_ops", l(&c.write_zeroes_ops)),
+            ("errors", l(&c.errors)),
+        ]
+    }
+
     fn state(&self) -> serde_json::Value {
         let state = BlockState {
             version: 1,

@@ -393,6 +393,18 @@ impl VirtioDevice for Net {
         self.active_pairs.store(1, Ordering::Relaxed);
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters.snapshot();
+        vec![
+            ("rx_bytes", c.rx_bytes),
+            ("rx_frames", c.rx_frames),
+            ("rx_dropped", c.rx_dropped),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_frames", c.tx_frames),
+            ("tx_dropped", c.tx_dropped),
+        ]
+    }
+
     fn state(&self) -> serde_json::Value {
         let state = NetState {
             version: 1,
