@@ -67,8 +67,11 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-/// Splits a head into its first line and its `name: value` headers.
-fn split_head(head: &[u8]) -> Result<(&str, Vec<(&str, &str)>), HttpError> {
+/// A head's first line and its `name: value` headers.
+type SplitHead<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+
+/// Splits a head into its first line and its headers.
+fn split_head(head: &[u8]) -> Result<SplitHead<'_>, HttpError> {
     let text = std::str::from_utf8(head).map_err(|_| malformed("the head is not UTF-8"))?;
     let mut lines = text.trim_end_matches("\r\n").split("\r\n");
     let first = lines.next().unwrap_or_default();

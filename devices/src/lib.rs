@@ -5,6 +5,7 @@
 //! and report machine-level requests (power off, reset, panic) through a
 //! [`PlatformEvents`] sink owned by the VMM.
 
+pub mod acpi_ged;
 pub mod acpi_pm;
 pub mod bus;
 pub mod interrupt;
@@ -27,6 +28,8 @@ pub enum PlatformEvent {
     Reset,
     /// The guest's kernel reported a panic (pvpanic).
     GuestPanic,
+    /// The guest released the device in this PCI slot (ACPI `_EJ0`).
+    PciEject(u8),
 }
 
 /// Receives [`PlatformEvent`]s; the VMM decides what they mean.

@@ -21,6 +21,9 @@ pub trait VmLink: Send + Sync {
     fn allocate_gsi(&self) -> io::Result<u32>;
     /// Writing `fd` raises `gsi` (KVM irqfd).
     fn add_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
+    /// Undoes [`add_irqfd`](Self::add_irqfd) and drops `gsi`'s route (the
+    /// device is unplugged).
+    fn remove_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()>;
     /// Points `gsi` at `msg`, or at nothing.
     fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()>;
     /// A guest write of any value and width to `addr` signals `fd` inside

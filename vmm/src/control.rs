@@ -22,7 +22,7 @@ use keel_devices::PlatformEvent;
 
 use crate::api::{ApiAction, ApiRequest};
 use crate::cpu::VcpuStop;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, HotplugDevice};
 use crate::event_monitor::EventMonitor;
 use crate::terminal;
 use crate::vm::{Hypervisor, RunningVm, Vm};
@@ -274,6 +274,10 @@ impl Control {
                     }
                 }
             }
+            VmEvent::Platform(PlatformEvent::PciEject(slot)) => {
+                self.ejected(slot);
+                Next::Continue
+            }
             VmEvent::Platform(PlatformEvent::PowerOff) => Next::Exit(Outcome::PoweredOff),
             VmEvent::Platform(PlatformEvent::GuestPanic) => {
                 self.monitor.vm("panic");
@@ -388,8 +392,11 @@ impl Control {
                 },
                 _ => wrong_state("reboot", state),
             },
-            ApiAction::PowerButton => match state {
-                VmState::Running => status(501, "The ACPI power button is not wired up yet"),
+            ApiAction::PowerButton => match (&self.machine, state) {
+                (Machine::Running(b), VmState::Running) => match b.devices.power_button() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => Response::error(500, &error_chain(&e)),
+                },
                 _ => wrong_state("press the power button", state),
             },
             ApiAction::Delete => {
@@ -399,7 +406,7 @@ impl Control {
                 Response::no_content()
             }
             ApiAction::AddDisk(disk) => {
-                self.cold_add(state, disk.id.clone(), |c| c.disks.push(disk))
+                self.add_device(state, disk.id.clone(), |c| c.disks.push(disk))
             }
             ApiAction::AddNet(net, fds) => {
                 if !fds.is_empty() {
@@ -408,18 +415,29 @@ impl Control {
                         "Passing tap file descriptors is not supported yet; give the tap by name",
                     );
                 }
-                self.cold_add(state, net.id.clone(), |c| c.net.push(net))
+                self.add_device(state, net.id.clone(), |c| c.net.push(net))
             }
             ApiAction::AddVsock(vsock) => {
                 if self.machine.config().is_some_and(|c| c.vsock.is_some()) {
                     return status(409, "The VM already has a vsock device");
                 }
-                self.cold_add(state, vsock.id.clone(), |c| c.vsock = Some(vsock))
+                self.add_device(state, vsock.id.clone(), |c| c.vsock = Some(vsock))
             }
             ApiAction::AddDevice(_) => {
                 status(501, "VFIO passthrough is not supported yet (vm.add-device)")
             }
-            ApiAction::RemoveDevice(id) => self.cold_remove(state, &id),
+            ApiAction::RemoveDevice(id) => match &self.machine {
+                Machine::Running(b) if !b.config.device_ids().contains(&id.as_str()) => {
+                    status(404, format!("No disk, NIC or vsock device with id '{id}'"))
+                }
+                Machine::Running(b) => match b.devices.request_unplug(&id) {
+                    // The device goes when the guest ejects it.
+                    Ok(true) => Response::no_content(),
+                    Ok(false) => status(404, format!("No hot-pluggable device with id '{id}'")),
+                    Err(e) => Response::error(500, &error_chain(&e)),
+                },
+                _ => self.cold_remove(state, &id),
+            },
             ApiAction::Resize(resize) => self.cold_resize(state, resize),
             ApiAction::ResizeDisk(resize) => self.resize_disk(state, resize),
         }
@@ -455,6 +473,80 @@ impl Control {
                 ),
             )),
         }
+    }
+
+    /// Adds a disk, NIC or vsock device: to the configuration of a VM
+    /// that is not running, or hot-plugged into a running one (answered
+    /// with its PCI address).
+    fn add_device(
+        &mut self,
+        state: VmState,
+        id: Option<String>,
+        add: impl FnOnce(&mut VmConfig),
+    ) -> Response {
+        let Machine::Running(booted) = &mut self.machine else {
+            return self.cold_add(state, id, add);
+        };
+        if let Some(id) = &id
+            && booted.config.device_ids().contains(&id.as_str())
+        {
+            return status(409, format!("A device with id '{id}' already exists"));
+        }
+        let mut changed = booted.config.clone();
+        add(&mut changed);
+        changed.assign_device_ids();
+        if let Err(e) = changed.validate() {
+            return status(400, e.to_string());
+        }
+        let old_ids = booted.config.device_ids();
+        let Some(new_id) = changed
+            .device_ids()
+            .into_iter()
+            .find(|id| !old_ids.contains(id))
+            .map(str::to_string)
+        else {
+            return status(500, "The new device has no id");
+        };
+        let named = |id: &Option<String>| id.as_deref() == Some(new_id.as_str());
+        let device = if let Some(d) = changed.disks.iter().find(|d| named(&d.id)) {
+            HotplugDevice::Disk(d)
+        } else if let Some(i) = changed.net.iter().position(|n| named(&n.id)) {
+            HotplugDevice::Net(&changed.net[i], i)
+        } else if let Some(v) = changed.vsock.as_ref().filter(|v| named(&v.id)) {
+            HotplugDevice::Vsock(v)
+        } else {
+            return status(500, "The new device is not in the configuration");
+        };
+        match booted.devices.hotplug(device) {
+            Ok(info) => {
+                booted.config = changed;
+                self.monitor.device("device-added", &info.id);
+                Response::json(200, serde_json::to_vec(&info).unwrap_or_default())
+            }
+            Err(e) => Response::error(500, &error_chain(&e)),
+        }
+    }
+
+    /// The guest released a hot-unplugged device: it leaves the bus and the
+    /// configuration.
+    fn ejected(&mut self, slot: u8) {
+        let Machine::Running(booted) = &mut self.machine else {
+            return;
+        };
+        let Some(id) = booted.devices.unplugged(slot) else {
+            log::warn!("The guest ejected PCI slot {slot}, which holds nothing removable");
+            return;
+        };
+        let config = &mut booted.config;
+        config
+            .disks
+            .retain(|d| d.id.as_deref() != Some(id.as_str()));
+        config.net.retain(|n| n.id.as_deref() != Some(id.as_str()));
+        if config.vsock.as_ref().and_then(|v| v.id.as_deref()) == Some(id.as_str()) {
+            config.vsock = None;
+        }
+        log::info!("Device {id} removed (the guest ejected slot {slot})");
+        self.monitor.device("device-removed", &id);
     }
 
     fn cold_add(

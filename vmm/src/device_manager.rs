@@ -11,16 +11,17 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use keel_api::vmm_api::{DeviceNode, VmCounters};
-use keel_api::{ConsoleConfig, ConsoleOutputMode, VmConfig};
+use keel_api::vmm_api::{DeviceNode, PciDeviceInfo, VmCounters};
+use keel_api::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
+use keel_devices::pci::hotplug::{self as pci_hotplug, PciHotplug};
 use keel_devices::pci::root::{CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE};
 use keel_devices::pci::{ConfigIo, ConfigMmio, PciError, PciSegment};
 use keel_devices::virtio::VirtioDevice;
 use keel_devices::virtio::pci::{BAR_SIZE, TransportError, VirtioPciDevice};
 use keel_devices::vm_link::VmLink;
-use keel_devices::{Bus, BusError, PlatformEvents, acpi_pm, bus::SharedDevice};
+use keel_devices::{Bus, BusError, PlatformEvents, acpi_ged, acpi_pm, bus::SharedDevice};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_allocator::{AddressAllocator, AllocPolicy};
@@ -48,6 +49,8 @@ pub enum DeviceError {
         #[source]
         source: BusError,
     },
+    #[error("Cannot raise the ACPI event interrupt")]
+    AcpiEvent(#[source] io::Error),
     #[error("Cannot connect IRQ {gsi} to KVM")]
     Irqfd {
         gsi: u32,
@@ -86,6 +89,8 @@ pub enum DeviceError {
 struct VirtioSlot {
     id: String,
     slot: usize,
+    /// Where the VMM placed BAR 0 (the guest may have moved it since).
+    bar: vm_allocator::RangeInclusive,
     transport: Arc<Mutex<VirtioPciDevice>>,
 }
 
@@ -94,6 +99,10 @@ pub struct DeviceManager {
     link: Arc<KvmLink>,
     serial: Option<Arc<Mutex<Serial>>>,
     serial_output: Option<ConsoleOutput>,
+    ged: Arc<Mutex<acpi_ged::Ged>>,
+    hotplug: Arc<Mutex<PciHotplug>>,
+    /// The current VM's memory, which a hot-plugged device starts with.
+    memory: Mutex<Option<GuestMemory>>,
     pci: Arc<Mutex<PciSegment>>,
     bar_space: AddressAllocator,
     virtio: Vec<VirtioSlot>,
@@ -165,9 +174,27 @@ impl DeviceManager {
         )?;
         insert(
             "the ACPI platform registers",
-            Arc::new(Mutex::new(acpi_pm::AcpiPlatform::new(events))),
+            Arc::new(Mutex::new(acpi_pm::AcpiPlatform::new(events.clone()))),
             acpi_pm::BASE_PORT,
             acpi_pm::LEN,
+        )?;
+        let interrupt = Interrupt::new().map_err(DeviceError::Interrupt)?;
+        let gsi = acpi_ged::IRQ;
+        link.add_irqfd(gsi, interrupt.event())
+            .map_err(|source| DeviceError::Irqfd { gsi, source })?;
+        let ged = Arc::new(Mutex::new(acpi_ged::Ged::new(interrupt)));
+        insert(
+            "the ACPI Generic Event Device",
+            ged.clone(),
+            acpi_ged::BASE_PORT,
+            acpi_ged::LEN,
+        )?;
+        let hotplug = Arc::new(Mutex::new(PciHotplug::new(events.clone())));
+        insert(
+            "the PCI hot-plug registers",
+            hotplug.clone(),
+            pci_hotplug::BASE_PORT,
+            pci_hotplug::LEN,
         )?;
 
         let mmio = Arc::new(Bus::new());
@@ -198,6 +225,9 @@ impl DeviceManager {
             link,
             serial,
             serial_output,
+            ged,
+            hotplug,
+            memory: Mutex::new(None),
             pci,
             bar_space,
             virtio: Vec::new(),
@@ -211,8 +241,13 @@ impl DeviceManager {
         Ok(manager)
     }
 
-    /// Puts a virtio device on the PCI bus behind its own transport.
-    fn add_virtio(&mut self, id: String, device: Box<dyn VirtioDevice>) -> Result<(), DeviceError> {
+    /// Puts a virtio device on the PCI bus behind its own transport;
+    /// returns its slot.
+    fn add_virtio(
+        &mut self,
+        id: String,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<usize, DeviceError> {
         let name = device.name();
         let range = self
             .bar_space
@@ -229,12 +264,16 @@ impl DeviceManager {
             "{name} {id} at PCI 00:{slot:02x}.0, BAR0 {:#x}",
             range.start()
         );
+        if let Some(memory) = lock_memory(&self.memory).as_ref() {
+            keel_devices::bus::lock(&transport).set_memory(memory.clone());
+        }
         self.virtio.push(VirtioSlot {
             id,
             slot,
+            bar: range,
             transport,
         });
-        Ok(())
+        Ok(slot)
     }
 
     /// The virtio console (`--console`), the guest's hvc0. With `tty` its
@@ -269,6 +308,7 @@ impl DeviceManager {
             Console::new(output, None)?
         };
         self.add_virtio(CONSOLE_ID.to_string(), Box::new(console))
+            .map(drop)
     }
 
     /// The write end of the virtio console's input (`--console tty`), for
@@ -292,12 +332,77 @@ impl DeviceManager {
         for v in &self.virtio {
             keel_devices::bus::lock(&v.transport).set_memory(memory.clone());
         }
+        *lock_memory(&self.memory) = Some(memory.clone());
         Ok(())
+    }
+
+    /// Hot-plugs a disk, NIC or vsock device into the running VM: it is put
+    /// in a free slot and the guest is told through ACPI (the GED's PCI
+    /// event), which makes it scan the slot.
+    pub fn hotplug(&mut self, device: HotplugDevice<'_>) -> Result<PciDeviceInfo, DeviceError> {
+        let (id, virtio): NamedDevice = match device {
+            HotplugDevice::Disk(disk) => (
+                disk.id.clone().unwrap_or_default(),
+                Box::new(keel_devices::virtio::block::Block::new(disk)?),
+            ),
+            HotplugDevice::Net(net, index) => (
+                net.id.clone().unwrap_or_default(),
+                Box::new(keel_devices::virtio::net::Net::new(net, index)?),
+            ),
+            HotplugDevice::Vsock(vsock) => (
+                vsock.id.clone().unwrap_or_default(),
+                Box::new(keel_devices::virtio::vsock::Vsock::new(vsock)?),
+            ),
+        };
+        let slot = self.add_virtio(id.clone(), virtio)?;
+        keel_devices::bus::lock(&self.hotplug).inserted(slot);
+        keel_devices::bus::lock(&self.ged)
+            .notify(acpi_ged::PCI_HOTPLUG)
+            .map_err(DeviceError::AcpiEvent)?;
+        Ok(PciDeviceInfo { id, bdf: bdf(slot) })
+    }
+
+    /// Asks the guest to release the device `id`; it goes when the guest
+    /// ejects it ([`unplugged`](Self::unplugged)). False: no such device.
+    pub fn request_unplug(&self, id: &str) -> Result<bool, DeviceError> {
+        let Some(v) = self.virtio.iter().find(|v| v.id == id) else {
+            return Ok(false);
+        };
+        keel_devices::bus::lock(&self.hotplug).eject_requested(v.slot);
+        keel_devices::bus::lock(&self.ged)
+            .notify(acpi_ged::PCI_HOTPLUG)
+            .map_err(DeviceError::AcpiEvent)?;
+        Ok(true)
+    }
+
+    /// The guest ejected `slot`: the device leaves the bus, its BAR space
+    /// is freed and, once dropped here, its file or tap is closed. Returns
+    /// its id.
+    pub fn unplugged(&mut self, slot: u8) -> Option<String> {
+        let slot = usize::from(slot);
+        let index = self.virtio.iter().position(|v| v.slot == slot)?;
+        let removed = self.virtio.remove(index);
+        keel_devices::bus::lock(&self.pci).remove(slot);
+        if let Err(e) = self.bar_space.free(&removed.bar) {
+            log::warn!("Cannot free the BAR space of {}: {e}", removed.id);
+        }
+        Some(removed.id)
+    }
+
+    /// Presses the ACPI power button: a guest that handles it (systemd-logind,
+    /// acpid) shuts down cleanly; one that does not, or has not booted far
+    /// enough to, ignores it, so the press is only a request.
+    pub fn power_button(&self) -> Result<(), DeviceError> {
+        keel_devices::bus::lock(&self.ged)
+            .notify(acpi_ged::POWER_BUTTON)
+            .map_err(DeviceError::AcpiEvent)
     }
 
     /// The machine was reset or switched off: every device back to its
     /// power-on state (queue workers stopped), the old VM let go.
     pub fn reset(&self) {
+        keel_devices::bus::lock(&self.ged).reset();
+        keel_devices::bus::lock(&self.hotplug).reset();
         keel_devices::bus::lock(&self.pci).reset();
         self.link.detach();
     }
@@ -322,7 +427,7 @@ impl DeviceManager {
             .map(|v| {
                 let node = DeviceNode {
                     id: v.id.clone(),
-                    pci_bdf: Some(format!("0000:00:{:02x}.0", v.slot)),
+                    pci_bdf: Some(bdf(v.slot)),
                     ..Default::default()
                 };
                 (v.id.clone(), node)
@@ -339,6 +444,22 @@ impl DeviceManager {
             }
         }
     }
+}
+
+/// A device to hot-plug, from its configuration.
+pub enum HotplugDevice<'a> {
+    Disk(&'a DiskConfig),
+    /// A NIC and its index among the VM's NICs (its default MAC follows it).
+    Net(&'a NetConfig, usize),
+    Vsock(&'a VsockConfig),
+}
+
+fn bdf(slot: usize) -> String {
+    format!("0000:00:{slot:02x}.0")
+}
+
+fn lock_memory(m: &Mutex<Option<GuestMemory>>) -> std::sync::MutexGuard<'_, Option<GuestMemory>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Ids of the devices a configuration cannot name (Cloud Hypervisor's).

@@ -164,6 +164,21 @@ impl VmLink for KvmLink {
         Ok(())
     }
 
+    fn remove_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
+        let mut inner = self.lock();
+        if let Some(vm) = &inner.vm {
+            vm.unregister_irqfd(fd, gsi)
+                .map_err(|source| LinkError::Irqfd { gsi, source })?;
+        }
+        inner.irqfds.retain(|(g, _)| *g != gsi);
+        if inner.routes.remove(&gsi).is_some()
+            && let Some(vm) = &inner.vm
+        {
+            set_routing(vm, &inner.routes)?;
+        }
+        Ok(())
+    }
+
     fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         let mut inner = self.lock();
         let changed = match msg {

@@ -271,13 +271,41 @@ fn boots_from_the_command_line_and_serves_counters() {
     for key in ["read_bytes", "read_ops", "write_bytes", "write_ops"] {
         assert!(disk_counters.contains_key(key), "{counters:?}");
     }
-    // Hot-plug is not there yet: a running VM says so.
-    let added =
-        api.add_disk(&keel_api::DiskConfig::parse(&format!("path={}", disk.display())).unwrap());
-    assert!(
-        matches!(added, Err(ClientError::Server { status: 501, .. })),
-        "{added:?}"
+    // Hot-plug into the running VM: the VMM places the disk and answers
+    // with its PCI address (this guest has no ACPI to notice it).
+    let second = dir.join("second.img");
+    std::fs::write(&second, vec![0u8; 1 << 20]).unwrap();
+    let added = api
+        .add_disk(
+            &keel_api::DiskConfig::parse(&format!("path={},id=hot", second.display())).unwrap(),
+        )
+        .unwrap()
+        .expect("a hot-plug answers with the device");
+    assert_eq!(added.id, "hot");
+    assert!(added.bdf.starts_with("0000:00:"), "{added:?}");
+    let info = api.info().unwrap();
+    assert_eq!(
+        info.device_tree["hot"].pci_bdf.as_deref(),
+        Some(added.bdf.as_str())
     );
+    assert_eq!(info.config.disks.len(), 2);
+    let again = api.add_disk(
+        &keel_api::DiskConfig::parse(&format!("path={},id=hot", second.display())).unwrap(),
+    );
+    assert!(
+        matches!(again, Err(ClientError::Server { status: 409, .. })),
+        "{again:?}"
+    );
+    // Removal waits for the guest to eject; unknown ids are 404.
+    api.remove_device("hot").unwrap();
+    assert!(matches!(
+        api.remove_device("nothing"),
+        Err(ClientError::Server { status: 404, .. })
+    ));
+    assert!(matches!(
+        api.remove_device("__rng"),
+        Err(ClientError::Server { status: 404, .. })
+    ));
     let vfio = keel_api::vmm_api::DeviceConfig {
         path: "/sys/bus/pci/devices/0000:00:05.0".into(),
         iommu: false,

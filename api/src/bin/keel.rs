@@ -114,7 +114,7 @@ fn size(what: &str, value: &str) -> Result<u64, CliError> {
     })
 }
 
-fn read_config(file: &PathBuf) -> Result<VmConfig, CliError> {
+fn read_config(file: &std::path::Path) -> Result<VmConfig, CliError> {
     let mut text = String::new();
     let read = if file.as_os_str() == "-" {
         std::io::stdin().read_to_string(&mut text).map(drop)
@@ -180,7 +180,7 @@ fn print_info(info: &VmInfo) {
     }
 }
 
-fn run(socket: &PathBuf, json: bool, command: VmmCommand) -> Result<(), CliError> {
+fn run(socket: &std::path::Path, json: bool, command: VmmCommand) -> Result<(), CliError> {
     let mut client = VmmClient::connect(socket)?;
     let input = |e: keel_api::ConfigError| CliError::Input(e.to_string());
     match command {

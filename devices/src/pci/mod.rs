@@ -4,6 +4,7 @@
 //! interrupts through MSI-X.
 
 pub mod config;
+pub mod hotplug;
 pub mod msix;
 pub mod root;
 
@@ -29,6 +30,9 @@ pub trait PciDevice: Send {
     fn reset(&mut self) -> Vec<BarMove>;
     /// Versioned state for snapshots.
     fn state(&self) -> serde_json::Value;
+    /// The device is leaving the bus (hot-unplug): stop it and let go of
+    /// its doorbells and interrupt routes.
+    fn unplug(&mut self) {}
 }
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;

@@ -241,6 +241,17 @@ impl Msix {
         pending
     }
 
+    /// Lets go of every vector's irqfd and route (hot-unplug). The
+    /// function is disabled; triggers do nothing from now on.
+    pub fn release(&mut self) {
+        self.enabled = false;
+        for v in &self.vectors {
+            if let Err(e) = self.link.remove_irqfd(v.gsi, &v.irqfd) {
+                log::warn!("Cannot remove the irqfd of GSI {}: {e}", v.gsi);
+            }
+        }
+    }
+
     /// Raises vector `index`. Out-of-range vectors are ignored; a masked
     /// vector becomes pending. Returns whether the interrupt was sent.
     pub fn trigger(&mut self, index: u16) -> io::Result<bool> {
@@ -289,6 +300,11 @@ pub(crate) mod tests {
         }
         fn add_irqfd(&self, gsi: u32, fd: &EventFd) -> io::Result<()> {
             self.irqfds.lock().unwrap().insert(gsi, fd.try_clone()?);
+            Ok(())
+        }
+        fn remove_irqfd(&self, gsi: u32, _fd: &EventFd) -> io::Result<()> {
+            self.irqfds.lock().unwrap().remove(&gsi);
+            self.routes.lock().unwrap().remove(&gsi);
             Ok(())
         }
         fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {

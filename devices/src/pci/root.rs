@@ -126,6 +126,27 @@ impl PciSegment {
         Ok(slot)
     }
 
+    /// Takes the device out of `slot` (hot-unplug): its BARs leave the
+    /// MMIO bus and it is stopped. Slot 0, the host bridge, stays.
+    pub fn remove(&mut self, slot: usize) -> Option<SharedPciDevice> {
+        if slot == 0 {
+            return None;
+        }
+        let device = self.slots.get_mut(slot)?.take()?;
+        let mut locked = lock(&device);
+        for (_, bar) in locked.bars() {
+            self.mmio.remove(bar.addr);
+        }
+        locked.unplug();
+        drop(locked);
+        Some(device)
+    }
+
+    /// Whether `slot` holds a device.
+    pub fn occupied(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(Option::is_some)
+    }
+
     fn device(&self, slot: usize, function: usize) -> Option<SharedPciDevice> {
         if function != 0 {
             return None;

@@ -715,6 +715,25 @@ impl PciDevice for VirtioPciDevice {
         self.config.reset()
     }
 
+    fn unplug(&mut self) {
+        self.reset_device();
+        let bar0 = self
+            .config
+            .bars()
+            .find(|(i, _)| *i == 0)
+            .map(|(_, b)| b.addr);
+        if let Some(addr) = bar0 {
+            for (q, kick) in self.kicks.iter().enumerate() {
+                if let Err(e) = self.link.remove_ioevent(kick, notify_addr(addr, q)) {
+                    log::warn!("{}: cannot remove doorbell {q}: {e}", self.device.name());
+                }
+            }
+        }
+        let mut msix = lock(&self.signals.msix);
+        msix.reset();
+        msix.release();
+    }
+
     fn state(&self) -> serde_json::Value {
         let state = VirtioPciState {
             version: 1,
