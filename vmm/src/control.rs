@@ -625,6 +625,21 @@ impl Control {
     }
 
     fn resize_disk(&mut self, state: VmState, resize: VmResizeDisk) -> Response {
+        if let Machine::Running(b) = &self.machine {
+            let is_disk = b
+                .config
+                .disks
+                .iter()
+                .any(|d| d.id.as_deref() == Some(resize.id.as_str()));
+            if !is_disk {
+                return status(404, format!("No disk with id '{}'", resize.id));
+            }
+            return match b.devices.resize_disk(&resize.id, resize.desired_size) {
+                Ok(true) => Response::no_content(),
+                Ok(false) => status(404, format!("No disk with id '{}'", resize.id)),
+                Err(message) => status(400, message),
+            };
+        }
         let config = match self.cold_config(state, "resize a disk") {
             Ok(c) => c,
             Err(r) => return r,

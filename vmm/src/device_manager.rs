@@ -362,6 +362,16 @@ impl DeviceManager {
         Ok(PciDeviceInfo { id, bdf: bdf(slot) })
     }
 
+    /// Grows the running disk `id` to `bytes`; the guest is told through a
+    /// configuration-change interrupt. `Ok(false)`: no such device.
+    pub fn resize_disk(&self, id: &str, bytes: u64) -> Result<bool, String> {
+        let Some(v) = self.virtio.iter().find(|v| v.id == id) else {
+            return Ok(false);
+        };
+        keel_devices::bus::lock(&v.transport).resize(bytes)?;
+        Ok(true)
+    }
+
     /// Asks the guest to release the device `id`; it goes when the guest
     /// ejects it ([`unplugged`](Self::unplugged)). False: no such device.
     pub fn request_unplug(&self, id: &str) -> Result<bool, DeviceError> {

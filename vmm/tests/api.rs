@@ -271,6 +271,22 @@ fn boots_from_the_command_line_and_serves_counters() {
     for key in ["read_bytes", "read_ops", "write_bytes", "write_ops"] {
         assert!(disk_counters.contains_key(key), "{counters:?}");
     }
+    // A running disk grows; shrinking or an unknown id is refused.
+    let resize = |id: &str, size: u64| keel_api::vmm_api::VmResizeDisk {
+        id: id.to_string(),
+        desired_size: size,
+    };
+    api.resize_disk(&resize("data", 2 << 20)).unwrap();
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 20);
+    assert!(matches!(
+        api.resize_disk(&resize("data", 1 << 20)),
+        Err(ClientError::Server { status: 400, .. })
+    ));
+    assert!(matches!(
+        api.resize_disk(&resize("nope", 4 << 20)),
+        Err(ClientError::Server { status: 404, .. })
+    ));
+
     // Hot-plug into the running VM: the VMM places the disk and answers
     // with its PCI address (this guest has no ACPI to notice it).
     let second = dir.join("second.img");

@@ -126,6 +126,12 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's own state, versioned, for snapshots and migration.
     fn state(&self) -> serde_json::Value;
+    /// Grows the device's backing store to `bytes` (`vm.resize-disk`) and
+    /// updates its configuration space; the transport then tells the
+    /// driver its configuration changed.
+    fn resize(&mut self, _bytes: u64) -> Result<(), String> {
+        Err(format!("{} cannot be resized", self.name()))
+    }
     /// Live statistics by name, for the API's `vm.counters`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

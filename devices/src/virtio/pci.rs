@@ -163,6 +163,8 @@ pub struct VirtioPciDevice {
     acked_features: u64,
     queue_select: u16,
     active: bool,
+    /// Bumped on every configuration change the device makes.
+    config_generation: u8,
 }
 
 impl VirtioPciDevice {
@@ -278,6 +280,7 @@ impl VirtioPciDevice {
             acked_features: 0,
             queue_select: 0,
             active: false,
+            config_generation: 0,
         })
     }
 
@@ -292,6 +295,20 @@ impl VirtioPciDevice {
 
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         self.device.counters()
+    }
+
+    /// Resizes the device (a disk grows) and interrupts the driver with a
+    /// configuration change, bumping the generation so it rereads.
+    pub fn resize(&mut self, bytes: u64) -> Result<(), String> {
+        self.device.resize(bytes)?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if let Err(e) = self.signals.signal_config() {
+            log::warn!(
+                "{}: cannot signal the configuration change: {e}",
+                self.device.name()
+            );
+        }
+        Ok(())
     }
 
     fn status(&self) -> u8 {
@@ -324,7 +341,7 @@ impl VirtioPciDevice {
             (0x10, 2) => u64::from(self.signals.config_vector.load(Ordering::Acquire)),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(self.status()),
-            (0x15, 1) => 0,
+            (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18..=0x37, _) => self.read_queue_reg(offset, data.len()),
             _ => 0,

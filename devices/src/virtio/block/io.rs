@@ -15,6 +15,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use io_uring::{IoUring, Probe, opcode};
 use thiserror::Error;
@@ -54,6 +55,20 @@ pub enum DiskError {
     },
     #[error("Disk image {0} is smaller than one 512-byte sector")]
     Empty(PathBuf),
+    #[error(
+        "Cannot resize disk image {path} to {bytes} bytes: it is {current} bytes; it can only grow, in multiples of 512, and not when read-only"
+    )]
+    BadResize {
+        path: PathBuf,
+        bytes: u64,
+        current: u64,
+    },
+    #[error("Cannot grow disk image {path}")]
+    Grow {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// An open, locked raw disk image.
@@ -64,7 +79,8 @@ pub struct DiskImage {
     /// whose buffers O_DIRECT cannot take.
     buffered: Option<File>,
     path: PathBuf,
-    sectors: u64,
+    /// Changes only when the image grows (`vm.resize-disk`).
+    sectors: AtomicU64,
     read_only: bool,
 }
 
@@ -115,7 +131,7 @@ impl DiskImage {
             file,
             buffered,
             path: path.to_path_buf(),
-            sectors: bytes / SECTOR_SIZE,
+            sectors: AtomicU64::new(bytes / SECTOR_SIZE),
             read_only,
         })
     }
@@ -126,7 +142,25 @@ impl DiskImage {
 
     /// Capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
-        self.sectors
+        self.sectors.load(Ordering::Acquire)
+    }
+
+    /// Grows the image to `bytes`; requests see the new end from now on.
+    pub fn grow(&self, bytes: u64) -> Result<(), DiskError> {
+        let current = self.sectors() * SECTOR_SIZE;
+        if self.read_only || bytes < current || bytes % SECTOR_SIZE != 0 {
+            return Err(DiskError::BadResize {
+                path: self.path.clone(),
+                bytes,
+                current,
+            });
+        }
+        self.file.set_len(bytes).map_err(|source| DiskError::Grow {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.sectors.store(bytes / SECTOR_SIZE, Ordering::Release);
+        Ok(())
     }
 
     pub fn read_only(&self) -> bool {

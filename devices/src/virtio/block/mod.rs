@@ -356,6 +356,12 @@ impl VirtioDevice for Block {
             .clear();
     }
 
+    fn resize(&mut self, bytes: u64) -> Result<(), String> {
+        self.disk.grow(bytes).map_err(|e| e.to_string())?;
+        self.config[..8].copy_from_slice(&self.disk.sectors().to_le_bytes());
+        Ok(())
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         let l = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);

@@ -771,3 +771,25 @@ fn each_queue_of_a_multi_queue_disk_is_served() {
     block.reset();
     assert_eq!(interrupt.needs_reset.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_disk_grows_and_its_capacity_follows() {
+    let path = image("grow");
+    let mut block = Block::new(&disk_config(&path)).unwrap();
+    let before = block.capacity();
+    let capacity = |b: &Block| {
+        let mut c = [0u8; 8];
+        b.read_config(0, &mut c);
+        u64::from_le_bytes(c)
+    };
+    assert_eq!(capacity(&block), before);
+    let bytes = (before + 8) * 512;
+    block.resize(bytes).unwrap();
+    assert_eq!(block.capacity(), before + 8);
+    assert_eq!(capacity(&block), before + 8);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+    // Shrinking and odd sizes are refused, and change nothing.
+    assert!(block.resize(bytes - 512).is_err());
+    assert!(block.resize(bytes + 100).is_err());
+    assert_eq!(capacity(&block), before + 8);
+}
