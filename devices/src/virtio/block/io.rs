@@ -148,7 +148,7 @@ impl DiskImage {
     /// Grows the image to `bytes`; requests see the new end from now on.
     pub fn grow(&self, bytes: u64) -> Result<(), DiskError> {
         let current = self.sectors() * SECTOR_SIZE;
-        if self.read_only || bytes < current || bytes % SECTOR_SIZE != 0 {
+        if self.read_only || bytes < current || !bytes.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::BadResize {
                 path: self.path.clone(),
                 bytes,
