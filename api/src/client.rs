@@ -58,6 +58,16 @@ fn server_message(status: u16, messages: &[String]) -> String {
     line
 }
 
+/// A read that a signal interrupted is tried again.
+fn read_retrying(stream: &mut UnixStream, buf: &mut [u8]) -> Result<usize, ClientError> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map_err(ClientError::Io),
+        }
+    }
+}
+
 pub struct VmmClient {
     stream: UnixStream,
     buf: Vec<u8>,
@@ -121,7 +131,7 @@ impl VmmClient {
                     continue;
                 }
                 while self.buf.len() < at + head.content_length {
-                    let n = self.stream.read(&mut chunk).map_err(ClientError::Io)?;
+                    let n = read_retrying(&mut self.stream, &mut chunk)?;
                     if n == 0 {
                         return Err(ClientError::Closed);
                     }
@@ -131,7 +141,7 @@ impl VmmClient {
                 self.buf.drain(..at + head.content_length);
                 return Ok((head.status, body));
             }
-            let n = self.stream.read(&mut chunk).map_err(ClientError::Io)?;
+            let n = read_retrying(&mut self.stream, &mut chunk)?;
             if n == 0 {
                 return Err(ClientError::Closed);
             }

@@ -20,7 +20,7 @@ use keel_api::http::Response;
 use keel_api::vmm_api::{VmInfo, VmResize, VmResizeDisk, VmState};
 use keel_devices::PlatformEvent;
 
-use crate::api::{ApiAction, ApiRequest};
+use crate::api::{ApiAction, ApiRequest, Published};
 use crate::cpu::VcpuStop;
 use crate::device_manager::{DeviceManager, HotplugDevice};
 use crate::event_monitor::EventMonitor;
@@ -56,6 +56,7 @@ impl Machine {
 }
 
 pub struct Control {
+    published: Arc<Published>,
     hypervisor: Hypervisor,
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
@@ -97,9 +98,11 @@ impl Control {
         tx: Sender<VmEvent>,
         rx: Receiver<VmEvent>,
         monitor: EventMonitor,
+        published: Arc<Published>,
     ) -> Self {
         monitor.emit("vmm", "starting", None);
         Control {
+            published,
             hypervisor,
             tx,
             rx,
@@ -124,7 +127,9 @@ impl Control {
     pub fn create_and_boot(&mut self, mut config: VmConfig) -> Result<(), Error> {
         config.assign_device_ids();
         self.machine = Machine::Created(Box::new(config));
-        self.boot()
+        let booted = self.boot();
+        self.publish();
+        booted
     }
 
     /// Serves events until the VMM should exit.
@@ -136,7 +141,11 @@ impl Control {
             };
             let next = match event {
                 VmEvent::Api(request) => self.api(request),
-                other => self.guest_event(other),
+                other => {
+                    let next = self.guest_event(other);
+                    self.publish();
+                    next
+                }
             };
             if let Next::Exit(outcome) = next {
                 break outcome;
@@ -299,8 +308,11 @@ impl Control {
         } = request;
         let exit = matches!(action, ApiAction::ShutdownVmm);
         let response = self.answer(action);
+        // Published before the answer goes out, so the client's next
+        // vm.info already sees the change.
+        self.publish();
         // The client may have gone; the action happened all the same.
-        let _ = reply.send(response);
+        reply.send(response);
         if exit {
             // Let the answer reach the client before the process ends.
             let _ = written.recv_timeout(Duration::from_secs(1));
@@ -441,6 +453,29 @@ impl Control {
             ApiAction::Resize(resize) => self.cold_resize(state, resize),
             ApiAction::ResizeDisk(resize) => self.resize_disk(state, resize),
         }
+    }
+
+    /// Refreshes what the API server answers `vm.info` and `vm.counters`
+    /// with, after anything that may have changed them.
+    fn publish(&self) {
+        let info = self.state().and_then(|state| {
+            let response = self.info(state);
+            (response.status == 200).then_some(response.body)
+        });
+        let counters = match &self.machine {
+            Machine::Running(b) => b.devices.counter_sources(),
+            _ => Vec::new(),
+        };
+        *self
+            .published
+            .info
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = info;
+        *self
+            .published
+            .counters
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = counters;
     }
 
     fn info(&self, state: VmState) -> Response {

@@ -417,6 +417,15 @@ impl DeviceManager {
         self.link.detach();
     }
 
+    /// The devices `vm.counters` reads, by id (the API server reads them
+    /// without the control loop).
+    pub fn counter_sources(&self) -> Vec<(String, Arc<Mutex<VirtioPciDevice>>)> {
+        self.virtio
+            .iter()
+            .map(|v| (v.id.clone(), v.transport.clone()))
+            .collect()
+    }
+
     /// Each device's live statistics (`vm.counters`), by device id.
     pub fn counters(&self) -> VmCounters {
         let mut all = VmCounters::new();

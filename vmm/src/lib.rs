@@ -20,6 +20,7 @@ pub mod vm;
 pub mod vm_link;
 
 use std::os::unix::net::UnixListener;
+use std::sync::Arc;
 use std::sync::mpsc::{self, Sender};
 
 use keel_api::{ConfigError, VmConfig};
@@ -113,12 +114,19 @@ pub fn run_vmm(options: VmmOptions) -> Result<Outcome, Error> {
         supported_cpuid,
     };
     let (tx, rx) = mpsc::channel();
-    let mut control = Control::new(hypervisor, tx.clone(), rx, options.events);
+    let published = Arc::new(api::Published::default());
+    let mut control = Control::new(
+        hypervisor,
+        tx.clone(),
+        rx,
+        options.events,
+        published.clone(),
+    );
     if let Some(config) = options.config {
         control.create_and_boot(config)?;
     }
     if let Some(listener) = options.api {
-        api::server::start(listener, tx).map_err(Error::ApiThread)?;
+        api::server::start(listener, tx, published).map_err(Error::ApiThread)?;
     }
     Ok(control.run())
 }

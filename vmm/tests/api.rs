@@ -356,7 +356,10 @@ fn read_response(stream: &mut UnixStream) -> (u16, String) {
             let body = String::from_utf8_lossy(&buf[at..at + head.content_length]).into_owned();
             return (head.status, body);
         }
-        let n = stream.read(&mut chunk).unwrap();
+        let n = match stream.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other.unwrap(),
+        };
         assert!(
             n > 0,
             "closed before a full answer: {:?}",

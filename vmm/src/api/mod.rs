@@ -4,16 +4,16 @@
 
 pub mod server;
 
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::Receiver;
 
-use keel_api::http::Response;
 pub use keel_api::request::{ApiAction, decode};
+pub use server::{Published, Responder};
 
 /// A request for the control loop and where its answer goes.
 #[derive(Debug)]
 pub struct ApiRequest {
     pub action: ApiAction,
-    pub reply: SyncSender<Response>,
+    pub reply: Responder,
     /// Signalled once the answer is on the wire: `vmm.shutdown` waits for
     /// it, so the process does not exit before its client hears back.
     pub written: Receiver<()>,
