@@ -5,6 +5,7 @@
 //! and report machine-level requests (power off, reset, panic) through a
 //! [`PlatformEvents`] sink owned by the VMM.
 
+pub mod acpi_cpu;
 pub mod acpi_ged;
 pub mod acpi_pm;
 pub mod bus;
@@ -30,6 +31,8 @@ pub enum PlatformEvent {
     GuestPanic,
     /// The guest released the device in this PCI slot (ACPI `_EJ0`).
     PciEject(u8),
+    /// The guest took this CPU offline and ejected it (ACPI `_EJ0`).
+    CpuEject(u8),
 }
 
 /// Receives [`PlatformEvent`]s; the VMM decides what they mean.

@@ -12,7 +12,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use keel_api::CpusConfig;
 use keel_devices::pci::hotplug as pci_hotplug;
-use keel_devices::{acpi_ged, acpi_pm, legacy};
+use keel_devices::{acpi_cpu, acpi_ged, acpi_pm, legacy};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -245,6 +245,183 @@ impl Aml for PciHotplugAml {
     }
 }
 
+/// The processor container `\_SB_.CPUS`: one processor device per
+/// possible vCPU (`Cxxx`, `_UID` = APIC ID), whose `_STA` reads the CPU
+/// hot-plug registers (`acpi_cpu`), `_MAT` gives its local APIC entry and
+/// `_EJ0` ejects it; `CSCN`, called by the GED's `_EVT`, notifies every CPU
+/// being inserted (device check) or removed (eject request).
+struct CpuHotplugAml {
+    max: u8,
+}
+
+static CPU_PORT: u16 = acpi_cpu::BASE_PORT;
+static CPU_LEN: u64 = acpi_cpu::LEN;
+
+impl CpuHotplugAml {
+    fn new(max: u8) -> Self {
+        CpuHotplugAml { max }
+    }
+}
+
+impl Aml for CpuHotplugAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let hid = aml::Name::new("_HID".into(), &"ACPI0010");
+        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
+        let region = aml::OpRegion::new(
+            "PRST".into(),
+            aml::OpRegionSpace::SystemIO,
+            &CPU_PORT,
+            &CPU_LEN,
+        );
+        let selector = aml::Field::new(
+            "PRST".into(),
+            aml::FieldAccessType::DWord,
+            aml::FieldLockRule::NoLock,
+            aml::FieldUpdateRule::WriteAsZeroes,
+            vec![aml::FieldEntry::Named(*b"CSEL", 32)],
+        );
+        // Flags: writing one bit writes the others as zero, so
+        // acknowledging "inserting" cannot also acknowledge "removing".
+        let flags = aml::Field::new(
+            "PRST".into(),
+            aml::FieldAccessType::Byte,
+            aml::FieldLockRule::NoLock,
+            aml::FieldUpdateRule::WriteAsZeroes,
+            vec![
+                aml::FieldEntry::Reserved(32),
+                aml::FieldEntry::Named(*b"CPEN", 1),
+                aml::FieldEntry::Named(*b"CINS", 1),
+                aml::FieldEntry::Named(*b"CRMV", 1),
+                aml::FieldEntry::Named(*b"CEJ0", 1),
+            ],
+        );
+        let lock = aml::Mutex::new("CPLK".into(), 0);
+        let (csel, cpen, cins, crmv, cej0) = (
+            aml::Path::new("CSEL"),
+            aml::Path::new("CPEN"),
+            aml::Path::new("CINS"),
+            aml::Path::new("CRMV"),
+            aml::Path::new("CEJ0"),
+        );
+        let acquire = aml::Acquire::new("CPLK".into(), 0xffff);
+        let release = aml::Release::new("CPLK".into());
+
+        // CSTA(cpu): 0xF when enabled, else 0.
+        let select = aml::Store::new(&csel, &aml::Arg(0));
+        let status = aml::Local(0);
+        let none = aml::Store::new(&status, &aml::ZERO);
+        let present = aml::Store::new(&status, &0xfu8);
+        let enabled = aml::Equal::new(&cpen, &aml::ONE);
+        let if_enabled = aml::If::new(&enabled, vec![&present]);
+        let ret = aml::Return::new(&status);
+        let csta = aml::Method::new(
+            "CSTA".into(),
+            1,
+            true,
+            vec![&acquire, &select, &none, &if_enabled, &release, &ret],
+        );
+        // CPEJ(cpu): the guest let it go.
+        let eject = aml::Store::new(&cej0, &aml::ONE);
+        let cej0_method = aml::Method::new(
+            "CPEJ".into(),
+            1,
+            true,
+            vec![&acquire, &select, &eject, &release],
+        );
+
+        let ids: Vec<u32> = (0..u32::from(self.max)).collect();
+        let names: Vec<String> = ids.iter().map(|i| format!("C{i:03X}")).collect();
+        let paths: Vec<aml::Path> = names.iter().map(|n| n.as_str().into()).collect();
+        // CSCN: every CPU's pending insert or removal becomes a Notify.
+        let selects: Vec<aml::Store> = ids.iter().map(|i| aml::Store::new(&csel, i)).collect();
+        let inserting = aml::Equal::new(&cins, &aml::ONE);
+        let removing = aml::Equal::new(&crmv, &aml::ONE);
+        let ack_insert = aml::Store::new(&cins, &aml::ONE);
+        let ack_remove = aml::Store::new(&crmv, &aml::ONE);
+        let checks: Vec<aml::Notify> = paths
+            .iter()
+            .map(|p| aml::Notify::new(p, &NOTIFY_DEVICE_CHECK))
+            .collect();
+        let ejects: Vec<aml::Notify> = paths
+            .iter()
+            .map(|p| aml::Notify::new(p, &NOTIFY_EJECT_REQUEST))
+            .collect();
+        let mut ifs = Vec::with_capacity(ids.len() * 2);
+        for i in 0..ids.len() {
+            ifs.push(aml::If::new(&inserting, vec![&checks[i], &ack_insert]));
+            ifs.push(aml::If::new(&removing, vec![&ejects[i], &ack_remove]));
+        }
+        let mut cscn_body: Vec<&dyn Aml> = vec![&acquire];
+        for i in 0..ids.len() {
+            cscn_body.push(&selects[i]);
+            cscn_body.push(&ifs[2 * i]);
+            cscn_body.push(&ifs[2 * i + 1]);
+        }
+        cscn_body.push(&release);
+        let cscn = aml::Method::new("CSCN".into(), 0, true, cscn_body);
+
+        // The processor devices.
+        let mats: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|&i| {
+                // MADT local APIC entry: type 0, length 8, UID, APIC ID,
+                // flags (enabled: _STA says whether it is there).
+                vec![MADT_LOCAL_APIC, 8, i as u8, i as u8, 1, 0, 0, 0]
+            })
+            .collect();
+        let mat_buffers: Vec<aml::BufferData> = mats
+            .iter()
+            .map(|m| aml::BufferData::new(m.clone()))
+            .collect();
+        let cpu_hid = aml::Name::new("_HID".into(), &"ACPI0007");
+        let mut devices = Vec::with_capacity(ids.len());
+        let uids: Vec<aml::Name> = ids
+            .iter()
+            .map(|i| aml::Name::new("_UID".into(), i))
+            .collect();
+        let mat_names: Vec<aml::Name> = mat_buffers
+            .iter()
+            .map(|b| aml::Name::new("_MAT".into(), b))
+            .collect();
+        let sta_calls: Vec<aml::MethodCall> = ids
+            .iter()
+            .map(|i| aml::MethodCall::new("CSTA".into(), vec![i]))
+            .collect();
+        let sta_rets: Vec<aml::Return> = sta_calls.iter().map(|c| aml::Return::new(c)).collect();
+        let stas: Vec<aml::Method> = sta_rets
+            .iter()
+            .map(|r| aml::Method::new("_STA".into(), 0, false, vec![r]))
+            .collect();
+        let ej_calls: Vec<aml::MethodCall> = ids
+            .iter()
+            .map(|i| aml::MethodCall::new("CPEJ".into(), vec![i]))
+            .collect();
+        let ej0s: Vec<aml::Method> = ej_calls
+            .iter()
+            .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
+            .collect();
+        for i in 0..ids.len() {
+            devices.push(aml::Device::new(
+                names[i].as_str().into(),
+                vec![&cpu_hid, &uids[i], &mat_names[i], &stas[i], &ej0s[i]],
+            ));
+        }
+        let mut children: Vec<&dyn Aml> = vec![
+            &hid,
+            &cid,
+            &region,
+            &selector,
+            &flags,
+            &lock,
+            &csta,
+            &cej0_method,
+            &cscn,
+        ];
+        children.extend(devices.iter().map(|d| d as &dyn Aml));
+        aml::Device::new("\\_SB_.CPUS".into(), children).to_aml_bytes(sink);
+    }
+}
+
 /// ACPI's Notify value for "status changed"; on a power button, a press.
 const NOTIFY_STATUS_CHANGED: u8 = 0x80;
 
@@ -287,6 +464,9 @@ fn generic_event_device(dsdt: &mut Sdt) {
     let pci_changed = aml::And::new(&aml::ZERO, &events, &acpi_ged::PCI_HOTPLUG);
     let pcnt = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
     let pci_hotplug = aml::If::new(&pci_changed, vec![&pcnt]);
+    let cpu_changed = aml::And::new(&aml::ZERO, &events, &acpi_ged::CPU_HOTPLUG);
+    let cscn = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
+    let cpu_hotplug = aml::If::new(&cpu_changed, vec![&cscn]);
     // Arg0 is the interrupt number; with one interrupt there is nothing to
     // tell apart. Serialized: a second interrupt must not read the register
     // while the first is still acting on what it read.
@@ -294,7 +474,7 @@ fn generic_event_device(dsdt: &mut Sdt) {
         "_EVT".into(),
         1,
         true,
-        vec![&take_events, &power_button, &pci_hotplug],
+        vec![&take_events, &power_button, &pci_hotplug, &cpu_hotplug],
     );
     aml::Device::new(
         "\\_SB_.GED_".into(),
@@ -313,7 +493,7 @@ fn mcfg() -> Sdt {
     mcfg
 }
 
-fn dsdt(mem_size: u64) -> Sdt {
+fn dsdt(mem_size: u64, cpus: &CpusConfig) -> Sdt {
     use legacy::{cmos, pvpanic, serial};
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     pci_host_bridge(&mut dsdt, mem_size);
@@ -342,6 +522,7 @@ fn dsdt(mem_size: u64) -> Sdt {
         &[&aml::IO::new(pvpanic::PORT, pvpanic::PORT, 1, 1)],
     );
     generic_event_device(&mut dsdt);
+    CpuHotplugAml::new(cpus.max_vcpus).to_aml_bytes(&mut dsdt);
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&acpi_pm::S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
@@ -423,7 +604,7 @@ pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig, mem_size: u64) -> Resu
         at
     };
 
-    let dsdt = dsdt(mem_size);
+    let dsdt = dsdt(mem_size, cpus);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
@@ -476,7 +657,13 @@ mod tests {
             .filter(|e| e[0] == MADT_LOCAL_APIC && e[4] & 1 == 1)
             .count();
         assert_eq!(enabled, 2);
-        let dsdt = dsdt(512 << 20);
+        let dsdt = dsdt(
+            512 << 20,
+            &CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 4,
+            },
+        );
         assert!(checksum_ok(dsdt.as_slice()));
         assert!(dsdt.as_slice().windows(4).any(|w| w == b"PCI0"));
         let mcfg = mcfg();
@@ -504,7 +691,13 @@ mod tests {
 
     #[test]
     fn dsdt_has_a_hotplug_slot_per_pci_slot() {
-        let dsdt = dsdt(512 << 20);
+        let dsdt = dsdt(
+            512 << 20,
+            &CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 4,
+            },
+        );
         let body = dsdt.as_slice();
         let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
         for slot in 1..32 {
@@ -539,7 +732,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keel-dsdt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let table = dir.join("dsdt.dat");
-        std::fs::write(&table, dsdt(512 << 20).as_slice()).unwrap();
+        std::fs::write(
+            &table,
+            dsdt(
+                512 << 20,
+                &CpusConfig {
+                    boot_vcpus: 1,
+                    max_vcpus: 4,
+                },
+            )
+            .as_slice(),
+        )
+        .unwrap();
         let out = std::process::Command::new("iasl")
             .arg("-d")
             .arg(&table)
@@ -551,12 +755,23 @@ mod tests {
         let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
         assert!(dsl.contains("Method (PCNT"), "{dsl}");
         assert!(dsl.contains("Notify (S1F, 0x03)"), "{dsl}");
+        // CPU hot-plug: one processor device per possible vCPU (4 here).
+        assert!(dsl.contains("Device (C003)"), "{dsl}");
+        assert!(!dsl.contains("Device (C004)"), "{dsl}");
+        assert!(dsl.contains("Method (CSCN"), "{dsl}");
+        assert!(dsl.contains("\\_SB.CPUS.CSCN ()"), "{dsl}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dsdt_has_the_power_button_behind_the_ged() {
-        let dsdt = dsdt(512 << 20);
+        let dsdt = dsdt(
+            512 << 20,
+            &CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 4,
+            },
+        );
         let body = dsdt.as_slice();
         let find = |needle: &[u8]| body.windows(needle.len()).position(|w| w == needle);
         assert!(has_device(body, b"\\\x2e_SB_GED_"));

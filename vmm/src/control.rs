@@ -224,6 +224,7 @@ impl Control {
             vm.stop();
         }
         booted.devices.reset();
+        booted.devices.reset_cpus(booted.config.cpus.boot_vcpus);
         // Requests raised by the old boot's devices are moot now.
         drain_platform_events(&self.rx, &self.tx);
         booted.boots += 1;
@@ -282,6 +283,10 @@ impl Control {
                         Next::Exit(Outcome::BootFailed(error_chain(&e).join(": ")))
                     }
                 }
+            }
+            VmEvent::Platform(PlatformEvent::CpuEject(id)) => {
+                log::info!("The guest ejected CPU {id}");
+                Next::Continue
             }
             VmEvent::Platform(PlatformEvent::PciEject(slot)) => {
                 self.ejected(slot);
@@ -640,6 +645,9 @@ impl Control {
         if resize.desired_balloon.is_some() {
             return status(501, "There is no balloon device (desired_balloon)");
         }
+        if let Machine::Running(_) = self.machine {
+            return self.live_resize(resize);
+        }
         let config = match self.cold_config(state, "resize") {
             Ok(c) => c,
             Err(r) => return r,
@@ -656,6 +664,52 @@ impl Control {
             return status(400, e.to_string());
         }
         *config = changed;
+        Response::no_content()
+    }
+
+    /// Resizes a running VM: vCPUs through ACPI CPU hot-plug (added ones
+    /// start at once and the guest brings them online; removed ones go when
+    /// the guest ejects them). Memory hot-plug is not there yet.
+    fn live_resize(&mut self, resize: VmResize) -> Response {
+        let Machine::Running(booted) = &mut self.machine else {
+            return status(500, "The VM is not running");
+        };
+        if resize
+            .desired_ram
+            .is_some_and(|ram| ram != booted.config.memory.size)
+        {
+            return status(
+                501,
+                "Memory hot-plug is not supported yet (desired_ram); shut the VM down, resize it, and boot it again",
+            );
+        }
+        let Some(want) = resize.desired_vcpus else {
+            return Response::no_content();
+        };
+        let max = booted.config.cpus.max_vcpus;
+        if want == 0 || want > max {
+            return status(
+                400,
+                format!("desired_vcpus {want} is out of range: 1 to max_vcpus ({max})"),
+            );
+        }
+        let have = booted.devices.enabled_cpus();
+        let buses = booted.devices.buses();
+        for id in have..want {
+            let Some(vm) = booted.vm.as_mut() else { break };
+            if let Err(e) = vm.add_vcpu(&self.hypervisor, id, max, buses.clone(), self.tx.clone()) {
+                return Response::error(500, &error_chain(&e));
+            }
+            if let Err(e) = booted.devices.cpu_changed(id, true) {
+                return Response::error(500, &error_chain(&e));
+            }
+        }
+        for id in (want..have).rev() {
+            if let Err(e) = booted.devices.cpu_changed(id, false) {
+                return Response::error(500, &error_chain(&e));
+            }
+        }
+        booted.config.cpus.boot_vcpus = want;
         Response::no_content()
     }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use keel_api::vmm_api::{DeviceNode, PciDeviceInfo, VmCounters};
 use keel_api::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use keel_devices::acpi_cpu::{self, CpuHotplug};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
 use keel_devices::pci::hotplug::{self as pci_hotplug, PciHotplug};
@@ -101,6 +102,7 @@ pub struct DeviceManager {
     serial_output: Option<ConsoleOutput>,
     ged: Arc<Mutex<acpi_ged::Ged>>,
     hotplug: Arc<Mutex<PciHotplug>>,
+    cpus: Arc<Mutex<CpuHotplug>>,
     /// The current VM's memory, which a hot-plugged device starts with.
     memory: Mutex<Option<GuestMemory>>,
     pci: Arc<Mutex<PciSegment>>,
@@ -189,6 +191,17 @@ impl DeviceManager {
             acpi_ged::BASE_PORT,
             acpi_ged::LEN,
         )?;
+        let cpus = Arc::new(Mutex::new(CpuHotplug::new(
+            config.cpus.boot_vcpus,
+            config.cpus.max_vcpus,
+            events.clone(),
+        )));
+        insert(
+            "the CPU hot-plug registers",
+            cpus.clone(),
+            acpi_cpu::BASE_PORT,
+            acpi_cpu::LEN,
+        )?;
         let hotplug = Arc::new(Mutex::new(PciHotplug::new(events.clone())));
         insert(
             "the PCI hot-plug registers",
@@ -227,6 +240,7 @@ impl DeviceManager {
             serial_output,
             ged,
             hotplug,
+            cpus,
             memory: Mutex::new(None),
             pci,
             bar_space,
@@ -362,6 +376,32 @@ impl DeviceManager {
         Ok(PciDeviceInfo { id, bdf: bdf(slot) })
     }
 
+    /// The machine is about to boot again with `boot` vCPUs (its count
+    /// after any resize).
+    pub fn reset_cpus(&self, boot: u8) {
+        keel_devices::bus::lock(&self.cpus).reset(boot);
+    }
+
+    /// CPUs the guest has now.
+    pub fn enabled_cpus(&self) -> u8 {
+        u8::try_from(keel_devices::bus::lock(&self.cpus).enabled()).unwrap_or(u8::MAX)
+    }
+
+    /// Tells the guest CPU `id` was added (its vCPU already runs) or that
+    /// it should let it go; the GED's CPU event makes it look.
+    pub fn cpu_changed(&self, id: u8, added: bool) -> Result<(), DeviceError> {
+        let mut cpus = keel_devices::bus::lock(&self.cpus);
+        if added {
+            cpus.insert(id);
+        } else {
+            cpus.request_removal(id);
+        }
+        drop(cpus);
+        keel_devices::bus::lock(&self.ged)
+            .notify(acpi_ged::CPU_HOTPLUG)
+            .map_err(DeviceError::AcpiEvent)
+    }
+
     /// Grows the running disk `id` to `bytes`; the guest is told through a
     /// configuration-change interrupt. `Ok(false)`: no such device.
     pub fn resize_disk(&self, id: &str, bytes: u64) -> Result<bool, String> {
@@ -413,6 +453,7 @@ impl DeviceManager {
     pub fn reset(&self) {
         keel_devices::bus::lock(&self.ged).reset();
         keel_devices::bus::lock(&self.hotplug).reset();
+
         keel_devices::bus::lock(&self.pci).reset();
         self.link.detach();
     }

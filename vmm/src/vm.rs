@@ -93,6 +93,7 @@ impl Hypervisor {
 }
 
 pub struct Vm {
+    vcpus_created: u8,
     fd: Arc<VmFd>,
     // Must outlive every vCPU: KVM maps it into the guest.
     memory: GuestMemory,
@@ -129,13 +130,19 @@ impl Vm {
             vcpu.configure(&cpuid, (id == 0).then_some(entry))?;
             vcpus.push(vcpu);
         }
-        Ok(Vm { fd, memory, vcpus })
+        Ok(Vm {
+            vcpus_created: config.cpus.boot_vcpus,
+            fd,
+            memory,
+            vcpus,
+        })
     }
 
     /// Starts the vCPUs. The VM runs until the returned handle is stopped.
     pub fn start(self, events: Sender<VmEvent>) -> Result<RunningVm, VmError> {
         let threads = VcpuThreads::start(self.vcpus, events)?;
         Ok(RunningVm {
+            created: self.vcpus_created,
             threads: Some(threads),
             fd: self.fd,
             _memory: self.memory,
@@ -206,6 +213,8 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), VmError> {
 }
 
 pub struct RunningVm {
+    /// vCPUs created so far (0..created); hot-plug adds the next ones.
+    created: u8,
     threads: Option<VcpuThreads>,
     // Dropped after the threads are joined (field order).
     fd: Arc<VmFd>,
@@ -251,6 +260,36 @@ impl RunningVm {
 
     pub fn is_paused(&self) -> bool {
         self.paused_clock.is_some()
+    }
+
+    /// Creates and starts vCPU `id` (CPU hot-plug); it waits for the
+    /// guest's INIT/SIPI like any application processor. A vCPU that
+    /// already exists (hot-removed, then added again) is left as it is:
+    /// KVM cannot destroy one, and the guest brings it back the same way.
+    pub fn add_vcpu(
+        &mut self,
+        hypervisor: &Hypervisor,
+        id: u8,
+        max: u8,
+        buses: crate::cpu::Buses,
+        events: Sender<VmEvent>,
+    ) -> Result<(), VmError> {
+        if id < self.created {
+            return Ok(());
+        }
+        let Some(threads) = self.threads.as_mut() else {
+            return Ok(());
+        };
+        let vcpu_fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VmError::CreateVcpu { id, source })?;
+        let vcpu = Vcpu::new(id, vcpu_fd, buses);
+        let cpuid = vcpu_cpuid(&hypervisor.supported_cpuid, id, Topology { cpus: max });
+        vcpu.configure(&cpuid, None)?;
+        threads.spawn(vcpu, events)?;
+        self.created = id + 1;
+        Ok(())
     }
 
     /// Stops the vCPUs and releases the VM. KVM lets an irqfd's eventfd

@@ -247,6 +247,8 @@ fn boots_from_the_command_line_and_serves_counters() {
             &Mode::Tick.cmdline(),
             "--memory",
             "size=64M",
+            "--cpus",
+            "boot=1,max=2",
             "--disk",
             &disk_arg,
             "--rng",
@@ -271,6 +273,28 @@ fn boots_from_the_command_line_and_serves_counters() {
     for key in ["read_bytes", "read_ops", "write_bytes", "write_ops"] {
         assert!(disk_counters.contains_key(key), "{counters:?}");
     }
+    // vCPUs up to max: the new one is created and started at once (this
+    // guest never brings it online); past max, or memory, is refused.
+    let cpus = |n: u8| keel_api::vmm_api::VmResize {
+        desired_vcpus: Some(n),
+        ..Default::default()
+    };
+    api.resize(&cpus(2)).unwrap();
+    assert_eq!(api.info().unwrap().config.cpus.boot_vcpus, 2);
+    assert!(matches!(
+        api.resize(&cpus(3)),
+        Err(ClientError::Server { status: 400, .. })
+    ));
+    let ram = keel_api::vmm_api::VmResize {
+        desired_ram: Some(128 << 20),
+        ..Default::default()
+    };
+    assert!(matches!(
+        api.resize(&ram),
+        Err(ClientError::Server { status: 501, .. })
+    ));
+    api.resize(&cpus(1)).unwrap();
+
     // A running disk grows; shrinking or an unknown id is refused.
     let resize = |id: &str, size: u64| keel_api::vmm_api::VmResizeDisk {
         id: id.to_string(),
@@ -429,8 +453,7 @@ fn requests_shaped_like_ch_remote_succeed() {
     stream.read_exact(&mut interim).unwrap();
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     stream.write_all(body.as_bytes()).unwrap();
-    // Resizing a running VM needs hot-plug, which is not there yet.
-    assert_eq!(read_response(&mut stream).0, 501);
+    assert_eq!(read_response(&mut stream).0, 204);
     assert_eq!(put("vm.shutdown", None).0, 204);
     assert_eq!(put("vmm.shutdown", None).0, 204);
 }

@@ -2,8 +2,9 @@
 //! from L1 with the `keel` CLI: pause/resume (the guest's counter and clock
 //! stop), disk hot-plug (read whole in the guest), live disk growth, hot
 //! removal (the image file is closed), NIC hot-plug (it carries pings) and
-//! removal (the tap is released), the power button (the guest sees the key
-//! press), and the event monitor's lines. The guest's side is
+//! removal (the tap is released), vCPU hot-plug and removal (`nproc`), the
+//! power button (the guest sees the key press), and the event monitor's
+//! lines. The guest's side is
 //! `tests/guest/initramfs/tests/api.sh`.
 
 use keel_tests::lab::{CaseResult, GuestBoot, Kernel, LabSession};
@@ -61,6 +62,11 @@ wait_serial "KEEL-L2 HOT-NET-GONE" 40
 sleep 1
 if ip link show kt1 >/dev/null 2>&1; then echo "KEEL-L1 TAP-AFTER present"; else echo "KEEL-L1 TAP-AFTER gone"; fi
 
+k resize --cpus 2 && echo "KEEL-L1 RESIZED-CPUS 2"
+wait_serial "KEEL-L2 NPROC " 90
+k resize --cpus 1 && echo "KEEL-L1 RESIZED-CPUS 1"
+wait_serial "KEEL-L2 NPROC-AFTER" 90
+
 wait_serial "KEEL-L2 WAIT-POWER-BUTTON" 40
 sleep 1
 k power-button && echo "KEEL-L1 PRESSED"
@@ -93,6 +99,7 @@ fn ticks(case: &CaseResult) -> Vec<(u64, u64)> {
 fn api_drives_a_debian_guest() {
     let guest = GuestBoot::linux(Kernel::BzImage)
         .memory_mib(512)
+        .max_cpus(2)
         .test("api")
         .serial("file=/tmp/api-serial");
     let results = LabSession::new()
@@ -161,6 +168,11 @@ fn api_drives_a_debian_guest() {
     assert_eq!(value(case, "KEEL-L2 HOT-NET eth0 PING"), "3/3", "{out}");
     assert_eq!(value(case, "KEEL-L2 HOT-NET-GONE"), "yes", "{out}");
     assert_eq!(value(case, "KEEL-L1 TAP-AFTER"), "gone", "{out}");
+
+    // vCPU hot-plug: the guest brought the new CPU online, and let it go
+    // when asked.
+    assert_eq!(value(case, "KEEL-L2 NPROC"), "2", "{out}");
+    assert_eq!(value(case, "KEEL-L2 NPROC-AFTER"), "1", "{out}");
 
     // The power button reached the guest, which then powered off.
     assert!(case.has_line("KEEL-L1 PRESSED"), "{out}");

@@ -97,34 +97,38 @@ impl VcpuThreads {
     /// `events`; the VM's control loop then stops the others.
     pub fn start(vcpus: Vec<Vcpu>, events: Sender<VmEvent>) -> Result<Self, CpuError> {
         install_kick_handler()?;
-        let control = Arc::new(RunControl::default());
         let mut running = VcpuThreads {
-            control: control.clone(),
+            control: Arc::new(RunControl::default()),
             threads: Vec::with_capacity(vcpus.len()),
         };
-        for mut vcpu in vcpus {
-            let id = vcpu.id();
-            let control = control.clone();
-            let events = events.clone();
-            let thread = thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    // A bug in exit handling must end the VM with a report,
-                    // not leave it running one vCPU short.
-                    let outcome = panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&control)))
-                        .unwrap_or_else(|_| {
-                            Some(VcpuStop::Unexpected("the vCPU thread panicked".into()))
-                        });
-                    if let Some(reason) = outcome {
-                        // The receiver outlives every boot; a send can only
-                        // fail while the process is already exiting.
-                        let _ = events.send(VmEvent::VcpuStopped { id, reason });
-                    }
-                })
-                .map_err(|source| CpuError::Spawn { id, source })?;
-            running.threads.push(thread);
+        for vcpu in vcpus {
+            running.spawn(vcpu, events.clone())?;
         }
         Ok(running)
+    }
+
+    /// Starts one more vCPU (CPU hot-plug). It runs paused if the VM is.
+    pub fn spawn(&mut self, mut vcpu: Vcpu, events: Sender<VmEvent>) -> Result<(), CpuError> {
+        let id = vcpu.id();
+        let control = self.control.clone();
+        let thread = thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                // A bug in exit handling must end the VM with a report, not
+                // leave it running one vCPU short.
+                let outcome = panic::catch_unwind(AssertUnwindSafe(|| vcpu.run(&control)))
+                    .unwrap_or_else(|_| {
+                        Some(VcpuStop::Unexpected("the vCPU thread panicked".into()))
+                    });
+                if let Some(reason) = outcome {
+                    // The receiver outlives every boot; a send can only fail
+                    // while the process is already exiting.
+                    let _ = events.send(VmEvent::VcpuStopped { id, reason });
+                }
+            })
+            .map_err(|source| CpuError::Spawn { id, source })?;
+        self.threads.push(thread);
+        Ok(())
     }
 
     /// Stops every vCPU and waits for its thread. A vCPU may be inside

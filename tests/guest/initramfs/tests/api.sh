@@ -7,6 +7,7 @@
 #   KEEL-L2 HOT-DISK-GONE <yes|no>           after vm.remove-device
 #   KEEL-L2 HOT-NET <iface> PING <n>/3       a hot-plugged NIC, configured
 #   KEEL-L2 HOT-NET-GONE <yes|no>
+#   KEEL-L2 NPROC <n> / NPROC-AFTER <n>      after vm.resize to 2 vCPUs, then 1
 #   KEEL-L2 POWER-BUTTON                     the button was pressed
 insmod /lib/modules/kernel/drivers/acpi/button.ko 2>/dev/null
 insmod /lib/modules/kernel/drivers/input/evdev.ko 2>/dev/null
@@ -61,7 +62,16 @@ fi
 if wait_for '[ ! -e /sys/class/net/eth0 ]' 30; then gone=yes; else gone=no; fi
 echo "KEEL-L2 HOT-NET-GONE $gone"
 
-# 5. The power button: its input device reports a key press.
+# 5. A second vCPU appears; the guest brings it online. Then it goes.
+if wait_for '[ -e /sys/devices/system/cpu/cpu1/online ]' 60; then
+	echo 1 >/sys/devices/system/cpu/cpu1/online
+fi
+wait_for '[ "$(nproc)" = 2 ]' 20
+echo "KEEL-L2 NPROC $(nproc)"
+wait_for '[ "$(nproc)" = 1 ]' 60
+echo "KEEL-L2 NPROC-AFTER $(nproc)"
+
+# 6. The power button: its input device reports a key press.
 event=""
 for dev in /sys/class/input/event*; do
 	[ -e "$dev/device/name" ] || continue
