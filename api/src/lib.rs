@@ -14,6 +14,6 @@ pub mod vmm_api;
 
 pub use device_config::{DiskConfig, MacAddr, NetConfig, RngConfig, VsockConfig};
 pub use vm_config::{
-    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, MemoryConfig, PayloadConfig,
-    VmConfig,
+    ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, MEMORY_HOTPLUG_BLOCK, MemoryConfig,
+    PayloadConfig, VmConfig,
 };

@@ -32,6 +32,12 @@ pub enum ConfigError {
     ZeroMemory,
     #[error("--memory: size={0} bytes is not a multiple of 4 KiB")]
     UnalignedMemory(u64),
+    #[error("--memory: hotplug_size={0} bytes must be a multiple of 128 MiB and at most 64 GiB")]
+    HotplugSize(u64),
+    #[error(
+        "--memory: hotplugged_size={plugged} must be a multiple of 128 MiB within hotplug_size={room}"
+    )]
+    HotpluggedSize { plugged: u64, room: u64 },
     #[error("Device id '{0}' is used twice; every device needs its own id")]
     DuplicateId(String),
     #[error("--kernel is required: give the path of a bzImage or an ELF vmlinux")]
@@ -100,33 +106,54 @@ impl CpusConfig {
     }
 }
 
+/// Hot-pluggable memory comes and goes in blocks this large (Linux's memory
+/// block size on x86-64).
+pub const MEMORY_HOTPLUG_BLOCK: u64 = 128 << 20;
+/// The most memory that can be hot-plugged (512 blocks).
+pub const MAX_MEMORY_HOTPLUG: u64 = 64 << 30;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
-    /// Guest RAM in bytes.
+    /// Guest RAM at boot, in bytes.
     pub size: u64,
+    /// Room for memory hot-plug (`vm.resize desired_ram`), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_size: Option<u64>,
+    /// How much of that is plugged in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplugged_size: Option<u64>,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { size: 512 << 20 }
+        MemoryConfig {
+            size: 512 << 20,
+            hotplug_size: None,
+            hotplugged_size: None,
+        }
     }
 }
 
 impl MemoryConfig {
-    /// Parses `size=512M`.
+    /// Parses `size=512M[,hotplug_size=2G]`.
     pub fn parse(value: &str) -> Result<Self, ConfigError> {
         let wrap = |source| ConfigError::Option {
             option: "memory",
             value: value.to_string(),
             source,
         };
-        let values = OptionValues::parse(value, &["size"]).map_err(wrap)?;
+        let values = OptionValues::parse(value, &["size", "hotplug_size"]).map_err(wrap)?;
         let size = values
             .get_size("size")
             .map_err(wrap)?
             .unwrap_or(MemoryConfig::default().size);
-        let config = MemoryConfig { size };
+        let hotplug_size = values.get_size("hotplug_size").map_err(wrap)?;
+        let config = MemoryConfig {
+            size,
+            hotplug_size,
+            hotplugged_size: None,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -138,7 +165,25 @@ impl MemoryConfig {
         if !self.size.is_multiple_of(4096) {
             return Err(ConfigError::UnalignedMemory(self.size));
         }
+        let room = self.hotplug_size.unwrap_or(0);
+        if !room.is_multiple_of(MEMORY_HOTPLUG_BLOCK) || room > MAX_MEMORY_HOTPLUG {
+            return Err(ConfigError::HotplugSize(room));
+        }
+        let plugged = self.hotplugged_size.unwrap_or(0);
+        if !plugged.is_multiple_of(MEMORY_HOTPLUG_BLOCK) || plugged > room {
+            return Err(ConfigError::HotpluggedSize { plugged, room });
+        }
         Ok(())
+    }
+
+    /// RAM the guest has now: the boot size and what was plugged in.
+    pub fn total(&self) -> u64 {
+        self.size + self.hotplugged_size.unwrap_or(0)
+    }
+
+    /// Blocks of hot-pluggable memory: how many there is room for.
+    pub fn hotplug_blocks(&self) -> usize {
+        (self.hotplug_size.unwrap_or(0) / MEMORY_HOTPLUG_BLOCK) as usize
     }
 }
 

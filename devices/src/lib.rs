@@ -5,9 +5,9 @@
 //! and report machine-level requests (power off, reset, panic) through a
 //! [`PlatformEvents`] sink owned by the VMM.
 
-pub mod acpi_cpu;
 pub mod acpi_ged;
 pub mod acpi_pm;
+pub mod acpi_slots;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;

@@ -112,6 +112,7 @@ pub struct GuestBoot {
     cpus: u32,
     max_cpus: Option<u32>,
     memory_mib: u64,
+    hotplug_mib: Option<u64>,
     test: String,
     cmdline: Vec<String>,
     serial: String,
@@ -130,6 +131,7 @@ impl GuestBoot {
             cpus: 1,
             max_cpus: None,
             memory_mib: 512,
+            hotplug_mib: None,
             test: "info".to_string(),
             cmdline: Vec::new(),
             serial: "tty".to_string(),
@@ -232,6 +234,12 @@ impl GuestBoot {
     }
 
     /// Guest memory (`--memory size=NM`).
+    /// Room for memory hot-plug (`--memory …,hotplug_size=NM`; keel-vmm).
+    pub fn memory_hotplug_mib(mut self, mib: u64) -> Self {
+        self.hotplug_mib = Some(mib);
+        self
+    }
+
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
         self
@@ -299,7 +307,10 @@ impl GuestBoot {
             "--cpus".to_string(),
             cpus,
             "--memory".to_string(),
-            format!("size={}M", self.memory_mib),
+            match self.hotplug_mib {
+                Some(room) => format!("size={}M,hotplug_size={room}M", self.memory_mib),
+                None => format!("size={}M", self.memory_mib),
+            },
             "--serial".to_string(),
             self.serial.clone(),
         ];

@@ -10,9 +10,9 @@ use acpi_tables::Aml;
 use acpi_tables::aml;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
-use keel_api::CpusConfig;
+use keel_api::{CpusConfig, MEMORY_HOTPLUG_BLOCK, MemoryConfig};
 use keel_devices::pci::hotplug as pci_hotplug;
-use keel_devices::{acpi_cpu, acpi_ged, acpi_pm, legacy};
+use keel_devices::{acpi_ged, acpi_pm, acpi_slots, legacy};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -72,9 +72,9 @@ fn isa_device(dsdt: &mut Sdt, path: &str, hid: &dyn Aml, resources: &[&dyn Aml])
 
 /// The PCI host bridge: segment 0, bus 0, its configuration ports and the
 /// windows the OS may place BARs in.
-fn pci_host_bridge(dsdt: &mut Sdt, mem_size: u64) {
+fn pci_host_bridge(dsdt: &mut Sdt, ram: &MemoryConfig) {
     use acpi_tables::aml::{AddressSpace, AddressSpaceCacheable};
-    let mmio64_start = memory::pci_mmio64_start(mem_size);
+    let mmio64_start = memory::pci_mmio64_start(ram);
     let bus = AddressSpace::<u16>::new_bus_number(0, 0);
     let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
     let io_low = AddressSpace::<u16>::new_io(0, 0x0cf7, None);
@@ -245,99 +245,187 @@ impl Aml for PciHotplugAml {
     }
 }
 
-/// The processor container `\_SB_.CPUS`: one processor device per
-/// possible vCPU (`Cxxx`, `_UID` = APIC ID), whose `_STA` reads the CPU
-/// hot-plug registers (`acpi_cpu`), `_MAT` gives its local APIC entry and
-/// `_EJ0` ejects it; `CSCN`, called by the GED's `_EVT`, notifies every CPU
-/// being inserted (device check) or removed (eject request).
-struct CpuHotplugAml {
-    max: u8,
-}
+/// AML already encoded (a device built on its own).
+struct Encoded(Vec<u8>);
 
-static CPU_PORT: u16 = acpi_cpu::BASE_PORT;
-static CPU_LEN: u64 = acpi_cpu::LEN;
-
-impl CpuHotplugAml {
-    fn new(max: u8) -> Self {
-        CpuHotplugAml { max }
+impl Aml for Encoded {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
     }
 }
 
-impl Aml for CpuHotplugAml {
+/// A container of hot-pluggable slots backed by `acpi_slots` registers:
+/// `\_SB_.CPUS` (one processor device per possible vCPU) or `\_SB_.MHPC`
+/// (one memory device per block of hot-pluggable memory). Inside it:
+/// `SSTA(n)` (a slot's `_STA`: 0xF when enabled), `SPEJ(n)` (`_EJ0`: the
+/// guest let it go) and `SSCN`, which the GED's `_EVT` calls to notify each
+/// slot being inserted (device check) or removed (eject request). The names
+/// are the same in both containers; each has its own scope.
+struct HotplugSlotsAml {
+    path: &'static str,
+    hid: &'static str,
+    port: u16,
+    /// Slot devices are named this letter and three hex digits.
+    prefix: char,
+    /// The slot devices, already encoded, by slot number.
+    devices: Vec<Encoded>,
+}
+
+impl HotplugSlotsAml {
+    /// One slot device: its `_HID`, `_UID`, a `_STA` that asks `SSTA`, an
+    /// `_EJ0` when `ejectable`, and `extra` objects (`_MAT`, `_CRS`).
+    fn slot_device(
+        name: &str,
+        hid: &'static str,
+        uid: u32,
+        ejectable: bool,
+        extra: &[&dyn Aml],
+    ) -> Encoded {
+        let hid = aml::Name::new("_HID".into(), &hid);
+        let uid_name = aml::Name::new("_UID".into(), &uid);
+        let call = aml::MethodCall::new("SSTA".into(), vec![&uid]);
+        let ret = aml::Return::new(&call);
+        let sta = aml::Method::new("_STA".into(), 0, false, vec![&ret]);
+        let eject = aml::MethodCall::new("SPEJ".into(), vec![&uid]);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&eject]);
+        let mut children: Vec<&dyn Aml> = vec![&hid, &uid_name, &sta];
+        if ejectable {
+            children.push(&ej0);
+        }
+        children.extend_from_slice(extra);
+        let mut bytes = Vec::new();
+        aml::Device::new(name.into(), children).to_aml_bytes(&mut bytes);
+        Encoded(bytes)
+    }
+
+    /// `\_SB_.CPUS`: processor devices `C000`… with `_MAT` (their local
+    /// APIC entry, marked enabled: `_STA` says whether they are there).
+    fn cpus(max: u8) -> Self {
+        let devices = (0..u32::from(max))
+            .map(|i| {
+                let entry = vec![MADT_LOCAL_APIC, 8, i as u8, i as u8, 1, 0, 0, 0];
+                let mat = aml::BufferData::new(entry);
+                let mat = aml::Name::new("_MAT".into(), &mat);
+                Self::slot_device(&format!("C{i:03X}"), "ACPI0007", i, true, &[&mat])
+            })
+            .collect();
+        HotplugSlotsAml {
+            path: "\\_SB_.CPUS",
+            hid: "ACPI0010",
+            port: acpi_slots::CPU_PORT,
+            prefix: 'C',
+            devices,
+        }
+    }
+
+    /// `\_SB_.MHPC`: memory devices `M000`… (`PNP0C80`), one per block of
+    /// the hot-plug room, each with its address range in `_CRS`.
+    fn memory(ram: &MemoryConfig) -> Self {
+        use acpi_tables::aml::{AddressSpace, AddressSpaceCacheable};
+        let base = memory::hotplug_base(ram.size);
+        let devices = (0..ram.hotplug_blocks() as u64)
+            .map(|i| {
+                let start = base + i * MEMORY_HOTPLUG_BLOCK;
+                let range = AddressSpace::<u64>::new_memory(
+                    AddressSpaceCacheable::Cacheable,
+                    true,
+                    start,
+                    start + MEMORY_HOTPLUG_BLOCK - 1,
+                    None,
+                );
+                let crs = aml::ResourceTemplate::new(vec![&range]);
+                let crs = aml::Name::new("_CRS".into(), &crs);
+                Self::slot_device(&format!("M{i:03X}"), "PNP0C80", i as u32, false, &[&crs])
+            })
+            .collect();
+        HotplugSlotsAml {
+            path: "\\_SB_.MHPC",
+            hid: "PNP0A06",
+            port: acpi_slots::MEMORY_PORT,
+            prefix: 'M',
+            devices,
+        }
+    }
+}
+
+impl Aml for HotplugSlotsAml {
     fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
-        let hid = aml::Name::new("_HID".into(), &"ACPI0010");
-        let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A05"));
+        let hid = aml::Name::new("_HID".into(), &self.hid);
+        let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+        let len = acpi_slots::LEN;
         let region = aml::OpRegion::new(
-            "PRST".into(),
+            "SREG".into(),
             aml::OpRegionSpace::SystemIO,
-            &CPU_PORT,
-            &CPU_LEN,
+            &self.port,
+            &len,
         );
         let selector = aml::Field::new(
-            "PRST".into(),
+            "SREG".into(),
             aml::FieldAccessType::DWord,
             aml::FieldLockRule::NoLock,
             aml::FieldUpdateRule::WriteAsZeroes,
-            vec![aml::FieldEntry::Named(*b"CSEL", 32)],
+            vec![aml::FieldEntry::Named(*b"SSEL", 32)],
         );
         // Flags: writing one bit writes the others as zero, so
         // acknowledging "inserting" cannot also acknowledge "removing".
         let flags = aml::Field::new(
-            "PRST".into(),
+            "SREG".into(),
             aml::FieldAccessType::Byte,
             aml::FieldLockRule::NoLock,
             aml::FieldUpdateRule::WriteAsZeroes,
             vec![
                 aml::FieldEntry::Reserved(32),
-                aml::FieldEntry::Named(*b"CPEN", 1),
-                aml::FieldEntry::Named(*b"CINS", 1),
-                aml::FieldEntry::Named(*b"CRMV", 1),
-                aml::FieldEntry::Named(*b"CEJ0", 1),
+                aml::FieldEntry::Named(*b"SPEN", 1),
+                aml::FieldEntry::Named(*b"SINS", 1),
+                aml::FieldEntry::Named(*b"SRMV", 1),
+                aml::FieldEntry::Named(*b"SEJ0", 1),
             ],
         );
-        let lock = aml::Mutex::new("CPLK".into(), 0);
-        let (csel, cpen, cins, crmv, cej0) = (
-            aml::Path::new("CSEL"),
-            aml::Path::new("CPEN"),
-            aml::Path::new("CINS"),
-            aml::Path::new("CRMV"),
-            aml::Path::new("CEJ0"),
+        let lock = aml::Mutex::new("SLCK".into(), 0);
+        let (ssel, spen, sins, srmv, sej0) = (
+            aml::Path::new("SSEL"),
+            aml::Path::new("SPEN"),
+            aml::Path::new("SINS"),
+            aml::Path::new("SRMV"),
+            aml::Path::new("SEJ0"),
         );
-        let acquire = aml::Acquire::new("CPLK".into(), 0xffff);
-        let release = aml::Release::new("CPLK".into());
+        let acquire = aml::Acquire::new("SLCK".into(), 0xffff);
+        let release = aml::Release::new("SLCK".into());
 
-        // CSTA(cpu): 0xF when enabled, else 0.
-        let select = aml::Store::new(&csel, &aml::Arg(0));
+        // SSTA(slot): 0xF when enabled, else 0.
+        let select = aml::Store::new(&ssel, &aml::Arg(0));
         let status = aml::Local(0);
         let none = aml::Store::new(&status, &aml::ZERO);
         let present = aml::Store::new(&status, &0xfu8);
-        let enabled = aml::Equal::new(&cpen, &aml::ONE);
+        let enabled = aml::Equal::new(&spen, &aml::ONE);
         let if_enabled = aml::If::new(&enabled, vec![&present]);
         let ret = aml::Return::new(&status);
-        let csta = aml::Method::new(
-            "CSTA".into(),
+        let ssta = aml::Method::new(
+            "SSTA".into(),
             1,
             true,
             vec![&acquire, &select, &none, &if_enabled, &release, &ret],
         );
-        // CPEJ(cpu): the guest let it go.
-        let eject = aml::Store::new(&cej0, &aml::ONE);
-        let cej0_method = aml::Method::new(
-            "CPEJ".into(),
+        // SPEJ(slot): the guest let it go.
+        let eject = aml::Store::new(&sej0, &aml::ONE);
+        let spej = aml::Method::new(
+            "SPEJ".into(),
             1,
             true,
             vec![&acquire, &select, &eject, &release],
         );
 
-        let ids: Vec<u32> = (0..u32::from(self.max)).collect();
-        let names: Vec<String> = ids.iter().map(|i| format!("C{i:03X}")).collect();
-        let paths: Vec<aml::Path> = names.iter().map(|n| n.as_str().into()).collect();
-        // CSCN: every CPU's pending insert or removal becomes a Notify.
-        let selects: Vec<aml::Store> = ids.iter().map(|i| aml::Store::new(&csel, i)).collect();
-        let inserting = aml::Equal::new(&cins, &aml::ONE);
-        let removing = aml::Equal::new(&crmv, &aml::ONE);
-        let ack_insert = aml::Store::new(&cins, &aml::ONE);
-        let ack_remove = aml::Store::new(&crmv, &aml::ONE);
+        // SSCN: every slot's pending insert or removal becomes a Notify.
+        let ids: Vec<u32> = (0..self.devices.len() as u32).collect();
+        let paths: Vec<aml::Path> = ids
+            .iter()
+            .map(|i| format!("{}{i:03X}", self.prefix).as_str().into())
+            .collect();
+        let selects: Vec<aml::Store> = ids.iter().map(|i| aml::Store::new(&ssel, i)).collect();
+        let inserting = aml::Equal::new(&sins, &aml::ONE);
+        let removing = aml::Equal::new(&srmv, &aml::ONE);
+        let ack_insert = aml::Store::new(&sins, &aml::ONE);
+        let ack_remove = aml::Store::new(&srmv, &aml::ONE);
         let checks: Vec<aml::Notify> = paths
             .iter()
             .map(|p| aml::Notify::new(p, &NOTIFY_DEVICE_CHECK))
@@ -351,74 +439,20 @@ impl Aml for CpuHotplugAml {
             ifs.push(aml::If::new(&inserting, vec![&checks[i], &ack_insert]));
             ifs.push(aml::If::new(&removing, vec![&ejects[i], &ack_remove]));
         }
-        let mut cscn_body: Vec<&dyn Aml> = vec![&acquire];
+        let mut scan: Vec<&dyn Aml> = vec![&acquire];
         for i in 0..ids.len() {
-            cscn_body.push(&selects[i]);
-            cscn_body.push(&ifs[2 * i]);
-            cscn_body.push(&ifs[2 * i + 1]);
+            scan.push(&selects[i]);
+            scan.push(&ifs[2 * i]);
+            scan.push(&ifs[2 * i + 1]);
         }
-        cscn_body.push(&release);
-        let cscn = aml::Method::new("CSCN".into(), 0, true, cscn_body);
+        scan.push(&release);
+        let sscn = aml::Method::new("SSCN".into(), 0, true, scan);
 
-        // The processor devices.
-        let mats: Vec<Vec<u8>> = ids
-            .iter()
-            .map(|&i| {
-                // MADT local APIC entry: type 0, length 8, UID, APIC ID,
-                // flags (enabled: _STA says whether it is there).
-                vec![MADT_LOCAL_APIC, 8, i as u8, i as u8, 1, 0, 0, 0]
-            })
-            .collect();
-        let mat_buffers: Vec<aml::BufferData> = mats
-            .iter()
-            .map(|m| aml::BufferData::new(m.clone()))
-            .collect();
-        let cpu_hid = aml::Name::new("_HID".into(), &"ACPI0007");
-        let mut devices = Vec::with_capacity(ids.len());
-        let uids: Vec<aml::Name> = ids
-            .iter()
-            .map(|i| aml::Name::new("_UID".into(), i))
-            .collect();
-        let mat_names: Vec<aml::Name> = mat_buffers
-            .iter()
-            .map(|b| aml::Name::new("_MAT".into(), b))
-            .collect();
-        let sta_calls: Vec<aml::MethodCall> = ids
-            .iter()
-            .map(|i| aml::MethodCall::new("CSTA".into(), vec![i]))
-            .collect();
-        let sta_rets: Vec<aml::Return> = sta_calls.iter().map(|c| aml::Return::new(c)).collect();
-        let stas: Vec<aml::Method> = sta_rets
-            .iter()
-            .map(|r| aml::Method::new("_STA".into(), 0, false, vec![r]))
-            .collect();
-        let ej_calls: Vec<aml::MethodCall> = ids
-            .iter()
-            .map(|i| aml::MethodCall::new("CPEJ".into(), vec![i]))
-            .collect();
-        let ej0s: Vec<aml::Method> = ej_calls
-            .iter()
-            .map(|c| aml::Method::new("_EJ0".into(), 1, false, vec![c]))
-            .collect();
-        for i in 0..ids.len() {
-            devices.push(aml::Device::new(
-                names[i].as_str().into(),
-                vec![&cpu_hid, &uids[i], &mat_names[i], &stas[i], &ej0s[i]],
-            ));
-        }
         let mut children: Vec<&dyn Aml> = vec![
-            &hid,
-            &cid,
-            &region,
-            &selector,
-            &flags,
-            &lock,
-            &csta,
-            &cej0_method,
-            &cscn,
+            &hid, &uid, &region, &selector, &flags, &lock, &ssta, &spej, &sscn,
         ];
-        children.extend(devices.iter().map(|d| d as &dyn Aml));
-        aml::Device::new("\\_SB_.CPUS".into(), children).to_aml_bytes(sink);
+        children.extend(self.devices.iter().map(|d| d as &dyn Aml));
+        aml::Device::new(self.path.into(), children).to_aml_bytes(sink);
     }
 }
 
@@ -465,8 +499,11 @@ fn generic_event_device(dsdt: &mut Sdt) {
     let pcnt = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
     let pci_hotplug = aml::If::new(&pci_changed, vec![&pcnt]);
     let cpu_changed = aml::And::new(&aml::ZERO, &events, &acpi_ged::CPU_HOTPLUG);
-    let cscn = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
+    let cscn = aml::MethodCall::new("\\_SB_.CPUS.SSCN".into(), vec![]);
     let cpu_hotplug = aml::If::new(&cpu_changed, vec![&cscn]);
+    let memory_changed = aml::And::new(&aml::ZERO, &events, &acpi_ged::MEMORY_HOTPLUG);
+    let mscn = aml::MethodCall::new("\\_SB_.MHPC.SSCN".into(), vec![]);
+    let memory_hotplug = aml::If::new(&memory_changed, vec![&mscn]);
     // Arg0 is the interrupt number; with one interrupt there is nothing to
     // tell apart. Serialized: a second interrupt must not read the register
     // while the first is still acting on what it read.
@@ -474,7 +511,13 @@ fn generic_event_device(dsdt: &mut Sdt) {
         "_EVT".into(),
         1,
         true,
-        vec![&take_events, &power_button, &pci_hotplug, &cpu_hotplug],
+        vec![
+            &take_events,
+            &power_button,
+            &pci_hotplug,
+            &cpu_hotplug,
+            &memory_hotplug,
+        ],
     );
     aml::Device::new(
         "\\_SB_.GED_".into(),
@@ -493,10 +536,10 @@ fn mcfg() -> Sdt {
     mcfg
 }
 
-fn dsdt(mem_size: u64, cpus: &CpusConfig) -> Sdt {
+fn dsdt(ram: &MemoryConfig, cpus: &CpusConfig) -> Sdt {
     use legacy::{cmos, pvpanic, serial};
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    pci_host_bridge(&mut dsdt, mem_size);
+    pci_host_bridge(&mut dsdt, ram);
     isa_device(
         &mut dsdt,
         "\\_SB_.COM1",
@@ -522,7 +565,10 @@ fn dsdt(mem_size: u64, cpus: &CpusConfig) -> Sdt {
         &[&aml::IO::new(pvpanic::PORT, pvpanic::PORT, 1, 1)],
     );
     generic_event_device(&mut dsdt);
-    CpuHotplugAml::new(cpus.max_vcpus).to_aml_bytes(&mut dsdt);
+    HotplugSlotsAml::cpus(cpus.max_vcpus).to_aml_bytes(&mut dsdt);
+    if ram.hotplug_blocks() > 0 {
+        HotplugSlotsAml::memory(ram).to_aml_bytes(&mut dsdt);
+    }
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&acpi_pm::S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
@@ -595,7 +641,11 @@ fn xsdt(entries: &[u64]) -> Sdt {
 }
 
 /// Writes the tables at [`RSDP_START`] and returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig, mem_size: u64) -> Result<u64, AcpiError> {
+pub fn write_tables(
+    mem: &GuestMemory,
+    cpus: &CpusConfig,
+    ram: &MemoryConfig,
+) -> Result<u64, AcpiError> {
     let align = |addr: u64| (addr + 15) & !15;
     let mut next = align(RSDP_START + Rsdp::len() as u64);
     let mut place = |len: usize| {
@@ -604,7 +654,7 @@ pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig, mem_size: u64) -> Resu
         at
     };
 
-    let dsdt = dsdt(mem_size, cpus);
+    let dsdt = dsdt(ram, cpus);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
@@ -637,6 +687,14 @@ pub fn write_tables(mem: &GuestMemory, cpus: &CpusConfig, mem_size: u64) -> Resu
 
 #[cfg(test)]
 mod tests {
+    fn test_memory() -> keel_api::MemoryConfig {
+        keel_api::MemoryConfig {
+            size: 512 << 20,
+            hotplug_size: Some(1 << 30),
+            hotplugged_size: None,
+        }
+    }
+
     use super::*;
 
     fn checksum_ok(bytes: &[u8]) -> bool {
@@ -658,7 +716,7 @@ mod tests {
             .count();
         assert_eq!(enabled, 2);
         let dsdt = dsdt(
-            512 << 20,
+            &test_memory(),
             &CpusConfig {
                 boot_vcpus: 1,
                 max_vcpus: 4,
@@ -692,7 +750,7 @@ mod tests {
     #[test]
     fn dsdt_has_a_hotplug_slot_per_pci_slot() {
         let dsdt = dsdt(
-            512 << 20,
+            &test_memory(),
             &CpusConfig {
                 boot_vcpus: 1,
                 max_vcpus: 4,
@@ -735,7 +793,7 @@ mod tests {
         std::fs::write(
             &table,
             dsdt(
-                512 << 20,
+                &test_memory(),
                 &CpusConfig {
                     boot_vcpus: 1,
                     max_vcpus: 4,
@@ -758,15 +816,20 @@ mod tests {
         // CPU hot-plug: one processor device per possible vCPU (4 here).
         assert!(dsl.contains("Device (C003)"), "{dsl}");
         assert!(!dsl.contains("Device (C004)"), "{dsl}");
-        assert!(dsl.contains("Method (CSCN"), "{dsl}");
-        assert!(dsl.contains("\\_SB.CPUS.CSCN ()"), "{dsl}");
+        assert!(dsl.contains("Method (SSCN"), "{dsl}");
+        assert!(dsl.contains("\\_SB.CPUS.SSCN ()"), "{dsl}");
+        // Memory hot-plug: 1 GiB of room, eight 128 MiB blocks at 4 GiB.
+        assert!(dsl.contains("Device (M007)"), "{dsl}");
+        assert!(!dsl.contains("Device (M008)"), "{dsl}");
+        assert!(dsl.contains("\\_SB.MHPC.SSCN ()"), "{dsl}");
+        assert!(dsl.contains("0x0000000100000000"), "{dsl}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn dsdt_has_the_power_button_behind_the_ged() {
         let dsdt = dsdt(
-            512 << 20,
+            &test_memory(),
             &CpusConfig {
                 boot_vcpus: 1,
                 max_vcpus: 4,
@@ -797,8 +860,12 @@ mod tests {
 
     #[test]
     fn rsdp_points_at_xsdt_that_lists_the_tables() {
-        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
-        let rsdp = write_tables(&mem, &CpusConfig::default(), 16 << 20).unwrap();
+        let ram = MemoryConfig {
+            size: 16 << 20,
+            ..Default::default()
+        };
+        let mem = crate::memory::create_guest_memory(&ram).unwrap();
+        let rsdp = write_tables(&mem, &CpusConfig::default(), &ram).unwrap();
         let mut head = [0u8; 36];
         mem.read_slice(&mut head, GuestAddress(rsdp)).unwrap();
         assert_eq!(&head[..8], b"RSD PTR ");

@@ -15,9 +15,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
 use keel_api::ConsoleOutputMode;
-use keel_api::VmConfig;
 use keel_api::http::Response;
 use keel_api::vmm_api::{VmInfo, VmResize, VmResizeDisk, VmState};
+use keel_api::{MEMORY_HOTPLUG_BLOCK, VmConfig};
 use keel_devices::PlatformEvent;
 
 use crate::api::{ApiAction, ApiRequest, Published};
@@ -494,7 +494,7 @@ impl Control {
         let info = VmInfo {
             config: config.clone(),
             state,
-            memory_actual_size: config.memory.size,
+            memory_actual_size: config.memory.total(),
             device_tree,
         };
         Response::json(200, serde_json::to_vec(&info).unwrap_or_default())
@@ -669,19 +669,40 @@ impl Control {
 
     /// Resizes a running VM: vCPUs through ACPI CPU hot-plug (added ones
     /// start at once and the guest brings them online; removed ones go when
-    /// the guest ejects them). Memory hot-plug is not there yet.
+    /// the guest ejects them); memory through ACPI memory hot-plug (added
+    /// in 128 MiB blocks within `hotplug_size`, never taken away).
     fn live_resize(&mut self, resize: VmResize) -> Response {
         let Machine::Running(booted) = &mut self.machine else {
             return status(500, "The VM is not running");
         };
-        if resize
-            .desired_ram
-            .is_some_and(|ram| ram != booted.config.memory.size)
-        {
-            return status(
-                501,
-                "Memory hot-plug is not supported yet (desired_ram); shut the VM down, resize it, and boot it again",
-            );
+        if let Some(ram) = resize.desired_ram {
+            let memory = &booted.config.memory;
+            let room = memory.hotplug_size.unwrap_or(0);
+            if ram < memory.total() {
+                return status(
+                    400,
+                    format!(
+                        "desired_ram {ram} is less than the {} bytes the guest has; memory is only added",
+                        memory.total()
+                    ),
+                );
+            }
+            let plugged = ram - memory.size;
+            if plugged > room || !plugged.is_multiple_of(MEMORY_HOTPLUG_BLOCK) {
+                return status(
+                    400,
+                    format!(
+                        "desired_ram {ram} must be the boot size {} plus a multiple of 128 MiB, at most hotplug_size ({room}) more",
+                        memory.size
+                    ),
+                );
+            }
+            if plugged > memory.hotplugged_size.unwrap_or(0) {
+                if let Err(e) = booted.devices.plug_memory(plugged) {
+                    return Response::error(500, &error_chain(&e));
+                }
+                booted.config.memory.hotplugged_size = Some(plugged);
+            }
         }
         let Some(want) = resize.desired_vcpus else {
             return Response::no_content();

@@ -12,8 +12,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use keel_api::vmm_api::{DeviceNode, PciDeviceInfo, VmCounters};
-use keel_api::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig, VmConfig, VsockConfig};
-use keel_devices::acpi_cpu::{self, CpuHotplug};
+use keel_api::{
+    ConsoleConfig, ConsoleOutputMode, DiskConfig, MEMORY_HOTPLUG_BLOCK, NetConfig, VmConfig,
+    VsockConfig,
+};
+use keel_devices::acpi_slots::{self, AcpiSlots, SlotKind};
 use keel_devices::interrupt::Interrupt;
 use keel_devices::legacy::{self, Cmos, DebugPort, I8042, PvPanic, Serial};
 use keel_devices::pci::hotplug::{self as pci_hotplug, PciHotplug};
@@ -102,7 +105,8 @@ pub struct DeviceManager {
     serial_output: Option<ConsoleOutput>,
     ged: Arc<Mutex<acpi_ged::Ged>>,
     hotplug: Arc<Mutex<PciHotplug>>,
-    cpus: Arc<Mutex<CpuHotplug>>,
+    cpus: Arc<Mutex<AcpiSlots>>,
+    memory_blocks: Arc<Mutex<AcpiSlots>>,
     /// The current VM's memory, which a hot-plugged device starts with.
     memory: Mutex<Option<GuestMemory>>,
     pci: Arc<Mutex<PciSegment>>,
@@ -191,16 +195,30 @@ impl DeviceManager {
             acpi_ged::BASE_PORT,
             acpi_ged::LEN,
         )?;
-        let cpus = Arc::new(Mutex::new(CpuHotplug::new(
-            config.cpus.boot_vcpus,
-            config.cpus.max_vcpus,
+        let cpus = Arc::new(Mutex::new(AcpiSlots::new(
+            SlotKind::Cpu,
+            usize::from(config.cpus.boot_vcpus),
+            usize::from(config.cpus.max_vcpus),
             events.clone(),
         )));
         insert(
             "the CPU hot-plug registers",
             cpus.clone(),
-            acpi_cpu::BASE_PORT,
-            acpi_cpu::LEN,
+            acpi_slots::CPU_PORT,
+            acpi_slots::LEN,
+        )?;
+        let plugged = config.memory.hotplugged_size.unwrap_or(0) / MEMORY_HOTPLUG_BLOCK;
+        let memory_blocks = Arc::new(Mutex::new(AcpiSlots::new(
+            SlotKind::Memory,
+            plugged as usize,
+            config.memory.hotplug_blocks(),
+            events.clone(),
+        )));
+        insert(
+            "the memory hot-plug registers",
+            memory_blocks.clone(),
+            acpi_slots::MEMORY_PORT,
+            acpi_slots::LEN,
         )?;
         let hotplug = Arc::new(Mutex::new(PciHotplug::new(events.clone())));
         insert(
@@ -241,6 +259,7 @@ impl DeviceManager {
             ged,
             hotplug,
             cpus,
+            memory_blocks,
             memory: Mutex::new(None),
             pci,
             bar_space,
@@ -379,7 +398,22 @@ impl DeviceManager {
     /// The machine is about to boot again with `boot` vCPUs (its count
     /// after any resize).
     pub fn reset_cpus(&self, boot: u8) {
-        keel_devices::bus::lock(&self.cpus).reset(boot);
+        keel_devices::bus::lock(&self.cpus).reset(usize::from(boot));
+    }
+
+    /// Plugs in hot-pluggable memory up to `plugged` bytes of the room
+    /// (blocks already in stay; memory is never taken away) and tells the
+    /// guest through the GED's memory event.
+    pub fn plug_memory(&self, plugged: u64) -> Result<(), DeviceError> {
+        let blocks = (plugged / MEMORY_HOTPLUG_BLOCK) as usize;
+        let mut slots = keel_devices::bus::lock(&self.memory_blocks);
+        for block in slots.enabled()..blocks {
+            slots.insert(block);
+        }
+        drop(slots);
+        keel_devices::bus::lock(&self.ged)
+            .notify(acpi_ged::MEMORY_HOTPLUG)
+            .map_err(DeviceError::AcpiEvent)
     }
 
     /// CPUs the guest has now.
@@ -392,9 +426,9 @@ impl DeviceManager {
     pub fn cpu_changed(&self, id: u8, added: bool) -> Result<(), DeviceError> {
         let mut cpus = keel_devices::bus::lock(&self.cpus);
         if added {
-            cpus.insert(id);
+            cpus.insert(usize::from(id));
         } else {
-            cpus.request_removal(id);
+            cpus.request_removal(usize::from(id));
         }
         drop(cpus);
         keel_devices::bus::lock(&self.ged)

@@ -40,8 +40,12 @@ struct Cli {
     /// vCPUs at boot and at most.
     #[arg(long, value_name = "boot=N[,max=M]", default_value = "boot=1")]
     cpus: String,
-    /// Guest RAM (K/M/G suffixes).
-    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    /// Guest RAM (K/M/G suffixes), and room for memory hot-plug.
+    #[arg(
+        long,
+        value_name = "size=SIZE[,hotplug_size=SIZE]",
+        default_value = "size=512M"
+    )]
     memory: String,
     /// Where the COM1 UART goes [default: tty, or null with --console tty].
     #[arg(long, value_name = "off|null|tty|file=PATH")]

@@ -6,6 +6,7 @@
 
 use std::fs;
 
+use keel_api::MemoryConfig;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -26,14 +27,20 @@ pub const PCI_ECAM_RESERVED: u64 = 0x1000_0000;
 /// 64-bit BARs go above RAM, in a window this large.
 pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 
-/// Where the 64-bit PCI window starts for `mem_size` bytes of RAM: the
+/// Where hot-pluggable memory starts for `mem_size` bytes of boot RAM: the
 /// first 1 GiB boundary above the end of RAM (and above 4 GiB).
-pub fn pci_mmio64_start(mem_size: u64) -> u64 {
+pub fn hotplug_base(mem_size: u64) -> u64 {
     let ram_end = match ram_ranges(mem_size).last() {
         Some((start, len)) => start.0 + *len as u64,
         None => MMIO_HOLE_END,
     };
     ram_end.max(MMIO_HOLE_END).next_multiple_of(1 << 30)
+}
+
+/// Where the 64-bit PCI window starts: the first 1 GiB boundary above RAM
+/// and the room left for hot-pluggable memory.
+pub fn pci_mmio64_start(memory: &MemoryConfig) -> u64 {
+    (hotplug_base(memory.size) + memory.hotplug_size.unwrap_or(0)).next_multiple_of(1 << 30)
 }
 
 #[derive(Debug, Error)]
@@ -80,10 +87,14 @@ fn host_backing_limit() -> Option<u64> {
     Some(field("MemTotal:")? + field("SwapTotal:").unwrap_or(0))
 }
 
-/// Maps guest RAM. Pages are populated lazily, so this is cheap, but a size
-/// the host could never back is refused here rather than failing later with
-/// the guest half-booted.
-pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+/// Maps guest RAM, and the room for hot-pluggable memory (mapped and given
+/// to KVM now, so devices and vCPUs never see memory appear; the guest
+/// learns of it through ACPI when it is plugged in). Pages are populated
+/// lazily, so this is cheap, but a size the host could never back is
+/// refused here rather than failing later with the guest half-booted.
+pub fn create_guest_memory(memory: &MemoryConfig) -> Result<GuestMemory, MemoryError> {
+    let room = memory.hotplug_size.unwrap_or(0);
+    let size = memory.size + room;
     if let Some(limit) = host_backing_limit()
         && size > limit
     {
@@ -92,7 +103,11 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
             available_mib: limit >> 20,
         });
     }
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap {
+    let mut ranges = ram_ranges(memory.size);
+    if room > 0 {
+        ranges.push((GuestAddress(hotplug_base(memory.size)), room as usize));
+    }
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Mmap {
         size_mib: size >> 20,
         source,
     })
@@ -112,9 +127,30 @@ mod tests {
     }
 
     #[test]
+    fn hotplug_room_sits_above_ram_and_below_the_64_bit_window() {
+        let memory = MemoryConfig {
+            size: 512 << 20,
+            hotplug_size: Some(1 << 30),
+            hotplugged_size: None,
+        };
+        assert_eq!(hotplug_base(memory.size), 1 << 32);
+        assert_eq!(pci_mmio64_start(&memory), 5 << 30);
+        let mem = create_guest_memory(&memory).unwrap();
+        use vm_memory::GuestMemoryBackend;
+        assert!(mem.address_in_range(GuestAddress((1 << 32) + (1 << 30) - 1)));
+        assert!(!mem.address_in_range(GuestAddress(1 << 31)));
+        // 4 GiB + 1 GiB of RAM: the room starts at the next 1 GiB boundary.
+        assert_eq!(hotplug_base(4 << 30), 5 << 30);
+    }
+
+    #[test]
     fn refuses_more_than_the_host_has() {
-        let err = create_guest_memory(1 << 50).unwrap_err();
+        let size = |size| MemoryConfig {
+            size,
+            ..Default::default()
+        };
+        let err = create_guest_memory(&size(1 << 50)).unwrap_err();
         assert!(matches!(err, MemoryError::TooLarge { .. }), "{err}");
-        assert!(create_guest_memory(16 << 20).is_ok());
+        assert!(create_guest_memory(&size(16 << 20)).is_ok());
     }
 }

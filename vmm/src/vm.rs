@@ -106,7 +106,7 @@ impl Vm {
         config: &VmConfig,
         devices: &DeviceManager,
     ) -> Result<Self, VmError> {
-        let memory = memory::create_guest_memory(config.memory.size)?;
+        let memory = memory::create_guest_memory(&config.memory)?;
         // Copying the kernel and initramfs into guest memory is the slowest
         // step (tens of MiB); it needs no KVM state, so it runs beside the
         // KVM setup.
@@ -155,7 +155,7 @@ impl Vm {
 fn load_guest_image(config: &VmConfig, memory: &GuestMemory) -> Result<EntryPoint, VmError> {
     let entry = boot::load_payload(memory, &config.payload, config.memory.size)?;
     boot::regs::write_boot_tables(memory, entry)?;
-    acpi::write_tables(memory, &config.cpus, config.memory.size)?;
+    acpi::write_tables(memory, &config.cpus, &config.memory)?;
     Ok(entry)
 }
 

@@ -116,7 +116,10 @@ impl Drop for Vmm {
 fn tick_config(serial: &Path) -> VmConfig {
     VmConfig {
         cpus: Default::default(),
-        memory: keel_api::MemoryConfig { size: 64 << 20 },
+        memory: keel_api::MemoryConfig {
+            size: 64 << 20,
+            ..Default::default()
+        },
         payload: PayloadConfig {
             kernel: Some(guest_elf().to_path_buf()),
             initramfs: None,
@@ -246,7 +249,7 @@ fn boots_from_the_command_line_and_serves_counters() {
             "--cmdline",
             &Mode::Tick.cmdline(),
             "--memory",
-            "size=64M",
+            "size=64M,hotplug_size=256M",
             "--cpus",
             "boot=1,max=2",
             "--disk",
@@ -285,14 +288,24 @@ fn boots_from_the_command_line_and_serves_counters() {
         api.resize(&cpus(3)),
         Err(ClientError::Server { status: 400, .. })
     ));
-    let ram = keel_api::vmm_api::VmResize {
-        desired_ram: Some(128 << 20),
+    // Memory grows in 128 MiB blocks within hotplug_size, and never shrinks.
+    let ram = |bytes: u64| keel_api::vmm_api::VmResize {
+        desired_ram: Some(bytes),
         ..Default::default()
     };
-    assert!(matches!(
-        api.resize(&ram),
-        Err(ClientError::Server { status: 501, .. })
-    ));
+    api.resize(&ram((64 + 128) << 20)).unwrap();
+    let info = api.info().unwrap();
+    assert_eq!(info.memory_actual_size, (64 + 128) << 20);
+    assert_eq!(info.config.memory.hotplugged_size, Some(128 << 20));
+    for bad in [64 << 20, (64 + 100) << 20, (64 + 384) << 20] {
+        assert!(
+            matches!(
+                api.resize(&ram(bad)),
+                Err(ClientError::Server { status: 400, .. })
+            ),
+            "{bad}"
+        );
+    }
     api.resize(&cpus(1)).unwrap();
 
     // A running disk grows; shrinking or an unknown id is refused.

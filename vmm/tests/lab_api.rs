@@ -67,6 +67,11 @@ wait_serial "KEEL-L2 NPROC " 90
 k resize --cpus 1 && echo "KEEL-L1 RESIZED-CPUS 1"
 wait_serial "KEEL-L2 NPROC-AFTER" 90
 
+wait_serial "KEEL-L2 MEMTOTAL-BEFORE" 30
+k resize --memory 768M && echo "KEEL-L1 RESIZED-MEMORY 768M"
+wait_serial "KEEL-L2 MEMTOTAL-AFTER" 90
+echo "KEEL-L1 MEMORY-ACTUAL $(k info | sed -n 's/^memory: *//p')"
+
 wait_serial "KEEL-L2 WAIT-POWER-BUTTON" 40
 sleep 1
 k power-button && echo "KEEL-L1 PRESSED"
@@ -99,6 +104,7 @@ fn ticks(case: &CaseResult) -> Vec<(u64, u64)> {
 fn api_drives_a_debian_guest() {
     let guest = GuestBoot::linux(Kernel::BzImage)
         .memory_mib(512)
+        .memory_hotplug_mib(512)
         .max_cpus(2)
         .test("api")
         .serial("file=/tmp/api-serial");
@@ -173,6 +179,12 @@ fn api_drives_a_debian_guest() {
     // when asked.
     assert_eq!(value(case, "KEEL-L2 NPROC"), "2", "{out}");
     assert_eq!(value(case, "KEEL-L2 NPROC-AFTER"), "1", "{out}");
+
+    // Memory hot-plug: 256 MiB more, onlined by the guest.
+    let kib = |prefix: &str| -> u64 { value(case, prefix).parse().unwrap_or(0) };
+    let grown = kib("KEEL-L2 MEMTOTAL-AFTER").saturating_sub(kib("KEEL-L2 MEMTOTAL-BEFORE"));
+    assert_eq!(grown, 256 << 10, "MemTotal grew by {grown} KiB:\n{out}");
+    assert_eq!(value(case, "KEEL-L1 MEMORY-ACTUAL"), "768 MiB", "{out}");
 
     // The power button reached the guest, which then powered off.
     assert!(case.has_line("KEEL-L1 PRESSED"), "{out}");

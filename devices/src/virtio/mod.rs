@@ -9,6 +9,7 @@
 pub mod block;
 pub mod chain;
 pub mod console;
+pub mod interrupt_watch;
 pub mod net;
 pub mod pci;
 pub mod queue_state;

@@ -342,7 +342,11 @@ mod tests {
 
     #[test]
     fn rejects_non_kernels_and_bad_cmdlines() {
-        let mem = memory::create_guest_memory(64 << 20).unwrap();
+        let mem = memory::create_guest_memory(&keel_api::MemoryConfig {
+            size: 64 << 20,
+            ..Default::default()
+        })
+        .unwrap();
         let dir = std::env::temp_dir().join(format!("keel-boot-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let junk = dir.join("junk");

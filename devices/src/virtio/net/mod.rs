@@ -26,6 +26,7 @@ use self::ctrl::{CtrlQueue, set_active_pairs};
 use self::queue::{MAX_FRAME_LEN, NetCounters, PairConfig, QueuePair};
 use self::tap::{Tap, TapError};
 use self::worker::PairWorker;
+use super::interrupt_watch::InterruptWatch;
 use super::{
     ActivateError, Activation, ActiveQueue, QueueStateSer, VirtioDevice, WorkerHandle, device_type,
     features, read_config_bytes,
@@ -372,6 +373,9 @@ impl VirtioDevice for Net {
                 tap_changed[usize::from(p)]
                     .take()
                     .ok_or_else(|| Self::backend_error(format!("queue pair {p} set up twice")))?,
+                InterruptWatch::new(2).map_err(|e| {
+                    Self::backend_error(format!("cannot create the interrupt watch timer: {e}"))
+                })?,
             );
             let name = format!("{}-q{p}", self.tap_name());
             let handle = WorkerHandle::spawn(name, worker, activation.interrupt.clone()).map_err(
@@ -402,6 +406,7 @@ impl VirtioDevice for Net {
             ("tx_bytes", c.tx_bytes),
             ("tx_frames", c.tx_frames),
             ("tx_dropped", c.tx_dropped),
+            ("interrupts_resent", c.interrupts_resent),
         ]
     }
 

@@ -70,6 +70,8 @@ pub struct NetCounters {
     pub tx_bytes: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_dropped: AtomicU64,
+    /// Interrupts sent again because the driver missed one.
+    pub interrupts_resent: AtomicU64,
 }
 
 /// A plain copy of [`NetCounters`].
@@ -81,6 +83,7 @@ pub struct NetCountersSnapshot {
     pub tx_bytes: u64,
     pub tx_frames: u64,
     pub tx_dropped: u64,
+    pub interrupts_resent: u64,
 }
 
 impl NetCounters {
@@ -93,6 +96,7 @@ impl NetCounters {
             tx_bytes: l(&self.tx_bytes),
             tx_frames: l(&self.tx_frames),
             tx_dropped: l(&self.tx_dropped),
+            interrupts_resent: l(&self.interrupts_resent),
         }
     }
 }
@@ -598,6 +602,10 @@ impl<B: AsRawFd> QueuePair<B> {
             bump(&self.counters.rx_bytes, (n - VNET_HDR_LEN) as u64);
         }
         Ok(out)
+    }
+
+    pub fn count_resent_interrupt(&self) {
+        bump(&self.counters.interrupts_resent, 1);
     }
 
     /// The next avail position of the RX queue (for tests).

@@ -13,6 +13,7 @@ use super::ctrl::CtrlQueue;
 use super::queue::QueuePair;
 use super::tap::Tap;
 use crate::GuestMemory;
+use crate::virtio::interrupt_watch::{InterruptWatch, used_event};
 use crate::virtio::worker::EventLoop;
 use crate::virtio::{QueueWorker, VirtioInterrupt, WorkerError};
 
@@ -22,6 +23,8 @@ const TAP: u64 = 2;
 const CTRL_KICK: u64 = 3;
 /// The control queue attached or detached this pair's tap queue.
 const TAP_CHANGED: u64 = 4;
+/// Time to look for queues stalled by a lost interrupt.
+const WATCH: u64 = 5;
 
 pub struct PairWorker {
     pub(super) mem: GuestMemory,
@@ -31,6 +34,7 @@ pub struct PairWorker {
     pub(super) tx_kick: EventFd,
     pub(super) ctrl: Option<(CtrlQueue, EventFd)>,
     tap_changed: EventFd,
+    watch: InterruptWatch,
     /// What the tap fd is registered for now.
     tap_events: EventSet,
     /// Whether the tap fd is in the epoll set at all. A detached tap queue
@@ -63,6 +67,7 @@ impl PairWorker {
         kicks: (EventFd, EventFd),
         ctrl: Option<(CtrlQueue, EventFd)>,
         tap_changed: EventFd,
+        watch: InterruptWatch,
     ) -> Self {
         PairWorker {
             mem,
@@ -72,6 +77,7 @@ impl PairWorker {
             tx_kick: kicks.1,
             ctrl,
             tap_changed,
+            watch,
             tap_events: EventSet::IN,
             tap_registered: false,
         }
@@ -113,6 +119,33 @@ impl PairWorker {
                 source,
             })?;
         self.tap_registered = false;
+        Ok(())
+    }
+
+    /// Interrupts again a queue whose driver missed its interrupt (see
+    /// `interrupt_watch`).
+    fn resignal_stuck_queues(&mut self) -> Result<(), WorkerError> {
+        for (slot, rx) in [(0, true), (1, false)] {
+            let (queue, index) = if rx {
+                (&self.pair.rx, self.pair.rx_index())
+            } else {
+                (&self.pair.tx, self.pair.tx_index())
+            };
+            if !queue.ready() || !queue.event_idx_enabled() {
+                continue;
+            }
+            let Some(used_event) = used_event(queue, &self.mem) else {
+                continue;
+            };
+            if self.watch.stuck(slot, used_event, queue.next_used()) {
+                log::debug!(
+                    "virtio-net: queue {index}: the driver missed an interrupt (used_event {used_event}, used {}); interrupting again",
+                    queue.next_used()
+                );
+                self.pair.count_resent_interrupt();
+                self.signal(index)?;
+            }
+        }
         Ok(())
     }
 
@@ -170,6 +203,7 @@ impl QueueWorker for PairWorker {
         events.add(self.pair.backend.as_raw_fd(), TAP, self.tap_events)?;
         self.tap_registered = true;
         events.add(self.tap_changed.as_raw_fd(), TAP_CHANGED, EventSet::IN)?;
+        events.add(self.watch.fd(), WATCH, EventSet::IN)?;
         if let Some((_, kick)) = &self.ctrl {
             events.add(kick.as_raw_fd(), CTRL_KICK, EventSet::IN)?;
         }
@@ -213,6 +247,10 @@ impl QueueWorker for PairWorker {
                     self.run_rx(events)?;
                 }
                 Ok(())
+            }
+            WATCH => {
+                self.watch.clear();
+                self.resignal_stuck_queues()
             }
             CTRL_KICK => {
                 let Some((ctrl, kick)) = &mut self.ctrl else {

@@ -8,6 +8,7 @@
 #   KEEL-L2 HOT-NET <iface> PING <n>/3       a hot-plugged NIC, configured
 #   KEEL-L2 HOT-NET-GONE <yes|no>
 #   KEEL-L2 NPROC <n> / NPROC-AFTER <n>      after vm.resize to 2 vCPUs, then 1
+#   KEEL-L2 MEMTOTAL-BEFORE/AFTER <KiB>      around vm.resize desired_ram
 #   KEEL-L2 POWER-BUTTON                     the button was pressed
 insmod /lib/modules/kernel/drivers/acpi/button.ko 2>/dev/null
 insmod /lib/modules/kernel/drivers/input/evdev.ko 2>/dev/null
@@ -71,7 +72,17 @@ echo "KEEL-L2 NPROC $(nproc)"
 wait_for '[ "$(nproc)" = 1 ]' 60
 echo "KEEL-L2 NPROC-AFTER $(nproc)"
 
-# 6. The power button: its input device reports a key press.
+# 6. Memory is plugged in: online the new blocks, MemTotal grows.
+read -r _ before _ </proc/meminfo
+echo "KEEL-L2 MEMTOTAL-BEFORE $before"
+wait_for 'grep -q offline /sys/devices/system/memory/memory*/state 2>/dev/null' 60
+for state in /sys/devices/system/memory/memory*/state; do
+	grep -q offline "$state" && echo online >"$state" 2>/dev/null
+done
+read -r _ after _ </proc/meminfo
+echo "KEEL-L2 MEMTOTAL-AFTER $after"
+
+# 7. The power button: its input device reports a key press.
 event=""
 for dev in /sys/class/input/event*; do
 	[ -e "$dev/device/name" ] || continue
