@@ -229,6 +229,10 @@ pub struct NetConfig {
     pub queue_size: u16,
     #[serde(default)]
     pub id: Option<String>,
+    /// Cloud Hypervisor's field for tap fds; the fds themselves travel with
+    /// the request (SCM_RIGHTS), so numbers given here are ignored.
+    #[serde(default, skip_serializing)]
+    pub fds: Option<Vec<i32>>,
 }
 
 impl NetConfig {
@@ -263,6 +267,7 @@ impl NetConfig {
             num_queues: get_u16(&v, "num_queues").map_err(&w)?.unwrap_or(2),
             queue_size: get_u16(&v, "queue_size").map_err(&w)?.unwrap_or(256),
             id: v.get("id").map(str::to_string),
+            fds: None,
         };
         config.validate()?;
         Ok(config)

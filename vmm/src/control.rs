@@ -10,6 +10,7 @@
 //! `vm.delete`. A guest that powers itself off, panics or crashes ends the
 //! VMM process, as it does Cloud Hypervisor's.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use keel_devices::PlatformEvent;
 
 use crate::api::{ApiAction, ApiRequest, Published};
 use crate::cpu::VcpuStop;
-use crate::device_manager::{DeviceManager, HotplugDevice};
+use crate::device_manager::{DeviceManager, HotplugDevice, Hotplugged};
 use crate::event_monitor::EventMonitor;
 use crate::terminal;
 use crate::vm::{Hypervisor, RunningVm, Vm};
@@ -423,22 +424,25 @@ impl Control {
                 Response::no_content()
             }
             ApiAction::AddDisk(disk) => {
-                self.add_device(state, disk.id.clone(), |c| c.disks.push(disk))
+                self.add_device(state, disk.id.clone(), Vec::new(), |c| c.disks.push(disk))
             }
-            ApiAction::AddNet(net, fds) => {
-                if !fds.is_empty() {
+            ApiAction::AddNet(mut net, fds) => {
+                net.fds = None;
+                if !fds.is_empty() && !matches!(self.machine, Machine::Running(_)) {
                     return status(
-                        501,
-                        "Passing tap file descriptors is not supported yet; give the tap by name",
+                        400,
+                        "Tap file descriptors can be passed to a running VM only (hot-plug); give a VM that is not running its tap by name",
                     );
                 }
-                self.add_device(state, net.id.clone(), |c| c.net.push(net))
+                self.add_device(state, net.id.clone(), fds, |c| c.net.push(net))
             }
             ApiAction::AddVsock(vsock) => {
                 if self.machine.config().is_some_and(|c| c.vsock.is_some()) {
                     return status(409, "The VM already has a vsock device");
                 }
-                self.add_device(state, vsock.id.clone(), |c| c.vsock = Some(vsock))
+                self.add_device(state, vsock.id.clone(), Vec::new(), |c| {
+                    c.vsock = Some(vsock)
+                })
             }
             ApiAction::AddDevice(_) => {
                 status(501, "VFIO passthrough is not supported yet (vm.add-device)")
@@ -522,6 +526,7 @@ impl Control {
         &mut self,
         state: VmState,
         id: Option<String>,
+        fds: Vec<OwnedFd>,
         add: impl FnOnce(&mut VmConfig),
     ) -> Response {
         let Machine::Running(booted) = &mut self.machine else {
@@ -551,14 +556,20 @@ impl Control {
         let device = if let Some(d) = changed.disks.iter().find(|d| named(&d.id)) {
             HotplugDevice::Disk(d)
         } else if let Some(i) = changed.net.iter().position(|n| named(&n.id)) {
-            HotplugDevice::Net(&changed.net[i], i)
+            HotplugDevice::Net(&changed.net[i], i, fds)
         } else if let Some(v) = changed.vsock.as_ref().filter(|v| named(&v.id)) {
             HotplugDevice::Vsock(v)
         } else {
             return status(500, "The new device is not in the configuration");
         };
         match booted.devices.hotplug(device) {
-            Ok(info) => {
+            Ok(Hotplugged { info, tap }) => {
+                // A NIC on passed fds: record its tap's name, so that a
+                // later boot can open it.
+                let nic = changed.net.iter_mut().find(|n| named(&n.id));
+                if let (Some(net), Some(tap)) = (nic, tap) {
+                    net.tap = Some(tap);
+                }
                 booted.config = changed;
                 self.monitor.device("device-added", &info.id);
                 Response::json(200, serde_json::to_vec(&info).unwrap_or_default())

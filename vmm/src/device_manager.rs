@@ -372,16 +372,18 @@ impl DeviceManager {
     /// Hot-plugs a disk, NIC or vsock device into the running VM: it is put
     /// in a free slot and the guest is told through ACPI (the GED's PCI
     /// event), which makes it scan the slot.
-    pub fn hotplug(&mut self, device: HotplugDevice<'_>) -> Result<PciDeviceInfo, DeviceError> {
+    pub fn hotplug(&mut self, device: HotplugDevice<'_>) -> Result<Hotplugged, DeviceError> {
+        let mut tap = None;
         let (id, virtio): NamedDevice = match device {
             HotplugDevice::Disk(disk) => (
                 disk.id.clone().unwrap_or_default(),
                 Box::new(keel_devices::virtio::block::Block::new(disk)?),
             ),
-            HotplugDevice::Net(net, index) => (
-                net.id.clone().unwrap_or_default(),
-                Box::new(keel_devices::virtio::net::Net::new(net, index)?),
-            ),
+            HotplugDevice::Net(net, index, fds) => {
+                let nic = keel_devices::virtio::net::Net::with_taps(net, index, fds)?;
+                tap = Some(nic.tap_name().to_string());
+                (net.id.clone().unwrap_or_default(), Box::new(nic))
+            }
             HotplugDevice::Vsock(vsock) => (
                 vsock.id.clone().unwrap_or_default(),
                 Box::new(keel_devices::virtio::vsock::Vsock::new(vsock)?),
@@ -392,7 +394,10 @@ impl DeviceManager {
         keel_devices::bus::lock(&self.ged)
             .notify(acpi_ged::PCI_HOTPLUG)
             .map_err(DeviceError::AcpiEvent)?;
-        Ok(PciDeviceInfo { id, bdf: bdf(slot) })
+        Ok(Hotplugged {
+            info: PciDeviceInfo { id, bdf: bdf(slot) },
+            tap,
+        })
     }
 
     /// The machine is about to boot again with `boot` vCPUs (its count
@@ -540,11 +545,19 @@ impl DeviceManager {
     }
 }
 
+/// What a hot-plug placed: the device's id and PCI address, and for a NIC
+/// its tap's name (found from the fds when those were passed).
+pub struct Hotplugged {
+    pub info: PciDeviceInfo,
+    pub tap: Option<String>,
+}
+
 /// A device to hot-plug, from its configuration.
 pub enum HotplugDevice<'a> {
     Disk(&'a DiskConfig),
-    /// A NIC and its index among the VM's NICs (its default MAC follows it).
-    Net(&'a NetConfig, usize),
+    /// A NIC, its index among the VM's NICs (its default MAC follows it),
+    /// and tap queues passed with the request (or none: open `tap=`).
+    Net(&'a NetConfig, usize, Vec<OwnedFd>),
     Vsock(&'a VsockConfig),
 }
 

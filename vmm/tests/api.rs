@@ -113,6 +113,34 @@ impl Drop for Vmm {
     }
 }
 
+/// Opens a new tap (`pattern` like "name%d") the way Cloud Hypervisor's
+/// clients do before passing it: TAP, no packet info, virtio-net header.
+fn open_tap(pattern: &str) -> (std::fs::File, String) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    // SAFETY: ifreq is plain old data; zeroes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(pattern.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF takes a struct ifreq, which `req` is.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    let name: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    (file, String::from_utf8(name).unwrap())
+}
+
 fn tick_config(serial: &Path) -> VmConfig {
     VmConfig {
         cpus: Default::default(),
@@ -359,6 +387,31 @@ fn boots_from_the_command_line_and_serves_counters() {
         api.remove_device("__rng"),
         Err(ClientError::Server { status: 404, .. })
     ));
+    // A NIC on a tap the client opened and passed with the request, as
+    // Cloud Hypervisor's clients do; something that is not a tap is refused.
+    let (tap, tap_name) = open_tap("ktapifd%d");
+    let nic = keel_api::NetConfig::parse("id=fdnet").unwrap();
+    let added = api
+        .add_net(&nic, &[std::os::fd::AsRawFd::as_raw_fd(&tap)])
+        .unwrap()
+        .expect("a hot-plugged NIC answers with its address");
+    assert_eq!(added.id, "fdnet");
+    let info = api.info().unwrap();
+    let net = info
+        .config
+        .net
+        .iter()
+        .find(|n| n.id.as_deref() == Some("fdnet"))
+        .unwrap();
+    assert_eq!(net.tap.as_deref(), Some(tap_name.as_str()));
+    let file = std::fs::File::open(&disk).unwrap();
+    let nic = keel_api::NetConfig::parse("id=notatap").unwrap();
+    let refused = api.add_net(&nic, &[std::os::fd::AsRawFd::as_raw_fd(&file)]);
+    assert!(
+        matches!(&refused, Err(ClientError::Server { status: 500, messages }) if messages.iter().any(|m| m.contains("not a TAP"))),
+        "{refused:?}"
+    );
+
     let vfio = keel_api::vmm_api::DeviceConfig {
         path: "/sys/bus/pci/devices/0000:00:05.0".into(),
         iommu: false,

@@ -152,17 +152,43 @@ impl Net {
     /// Opens (or creates) the tap of `config` for NIC number `index` (the
     /// index only feeds the derived MAC).
     pub fn new(config: &NetConfig, index: usize) -> Result<Net, NetError> {
+        Self::with_taps(config, index, Vec::new())
+    }
+
+    /// As [`new`](Self::new), on tap queues already open (passed with
+    /// `vm.add-net`): one per queue pair. Without any, the tap of `config`
+    /// is opened.
+    pub fn with_taps(
+        config: &NetConfig,
+        index: usize,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<Net, NetError> {
         config
             .validate()
             .map_err(|e| NetError::Config(e.to_string()))?;
         let pairs = config.num_queues / 2;
         let multi = pairs > 1;
-        let first = Tap::open(config.tap.as_deref(), multi)?;
-        let name = first.name().to_string();
-        let mut taps = vec![Arc::new(first)];
-        for _ in 1..pairs {
-            taps.push(Arc::new(Tap::open(Some(&name), true)?));
-        }
+        let taps: Vec<Arc<Tap>> = if fds.is_empty() {
+            let first = Tap::open(config.tap.as_deref(), multi)?;
+            let name = first.name().to_string();
+            let mut taps = vec![Arc::new(first)];
+            for _ in 1..pairs {
+                taps.push(Arc::new(Tap::open(Some(&name), true)?));
+            }
+            taps
+        } else {
+            if fds.len() != usize::from(pairs) {
+                return Err(NetError::Config(format!(
+                    "{} tap file descriptors were passed for {pairs} queue pair(s) (num_queues={}); pass one per pair",
+                    fds.len(),
+                    config.num_queues
+                )));
+            }
+            fds.into_iter()
+                .map(|fd| Tap::from_fd(fd).map(Arc::new))
+                .collect::<Result<_, _>>()?
+        };
+        let name = taps[0].name().to_string();
         if let Some(ip) = config.ip {
             taps[0]
                 .set_ipv4(ip, config.mask)

@@ -52,6 +52,10 @@ pub enum TapError {
     },
     #[error("Tap name {0:?} is not a valid interface name (1 to 15 bytes, no '/')")]
     Name(String),
+    #[error(
+        "The file descriptor passed for a tap is not a TAP opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR ({0}); open it that way (as for Cloud Hypervisor)"
+    )]
+    NotATap(String),
 }
 
 /// One fd on a TAP interface (one queue of a multi-queue tap).
@@ -172,6 +176,41 @@ impl Tap {
         unsafe { ioctl_ptr(tap.fd(), libc::TUNSETVNETHDRSZ, &mut size) }
             .map_err(|e| tap.ioctl_error("the virtio-net header size (TUNSETVNETHDRSZ)", e))?;
         // No offloads until the driver accepts some.
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// Takes a tap queue someone else opened and passed us (`vm.add-net`
+    /// with SCM_RIGHTS): it must be a TAP with a virtio-net header.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Tap, TapError> {
+        let file = File::from(fd);
+        // SAFETY: ifreq is plain old data; all zeros is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF fills a struct ifreq, which `req` is.
+        unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNGETIFF, &mut req) }
+            .map_err(|e| TapError::NotATap(e.to_string()))?;
+        // SAFETY: TUNGETIFF set the flags member of the union.
+        let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & wanted != wanted {
+            return Err(TapError::NotATap(format!("its flags are {flags:#x}")));
+        }
+        // SAFETY: fcntl on the fd we now own.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above, with the flags just read.
+        if fl < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        {
+            return Err(TapError::NotATap(io::Error::last_os_error().to_string()));
+        }
+        let tap = Tap {
+            file,
+            name: name_of(&req),
+        };
+        let mut size = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int.
+        unsafe { ioctl_ptr(tap.fd(), libc::TUNSETVNETHDRSZ, &mut size) }
+            .map_err(|e| tap.ioctl_error("the virtio-net header size (TUNSETVNETHDRSZ)", e))?;
         tap.set_offload(0)?;
         Ok(tap)
     }

@@ -576,6 +576,7 @@ fn net_creates_a_kernel_named_tap_and_sets_the_host_address() {
         num_queues: 2,
         queue_size: 256,
         id: Some("nettest".into()),
+        fds: None,
     };
     let net = Net::new(&cfg, 3).unwrap();
     let name = net.tap_name().to_string();
