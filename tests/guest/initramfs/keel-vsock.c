@@ -1,6 +1,8 @@
 /*
- * keel-vsock: vsock (and Unix-socket) plumbing for the virtio-vsock lab
- * tests, in the L2 guest and in L1. busybox has no vsock support.
+ * keel-vsock: socket plumbing for the lab tests, in the L2 guest and in L1:
+ * vsock (busybox has none), Unix sockets, and TCP with 64 KiB reads and
+ * writes (busybox nc moves data in small pieces, which in the nested lab
+ * costs an exit per few KiB and makes 100 MiB take minutes).
  *
  *   keel-vsock connect CID PORT        AF_VSOCK client: stdin -> socket,
  *                                      socket -> stdout
@@ -12,6 +14,9 @@
  *   keel-vsock unix-echo PATH          Unix-socket server at PATH (a VMM
  *                                      connects there for guest port P when
  *                                      PATH is SOCKET_P): as echo
+ *   keel-vsock tcp-connect IPV4 PORT   TCP client: as connect
+ *   keel-vsock tcp-listen PORT         TCP server: accept one connection,
+ *                                      then as connect
  *
  * Servers print "KEEL-VSOCK LISTENING <port or path>" on stderr once they
  * listen, and "KEEL-VSOCK ECHOED <bytes>" when the connection ends. When
@@ -32,10 +37,12 @@
 #define SYS_shutdown 48
 #define SYS_bind 49
 #define SYS_listen 50
+#define SYS_setsockopt 54
 #define SYS_exit 60
 #define SYS_unlink 87
 
 #define AF_UNIX 1
+#define AF_INET 2
 #define AF_VSOCK 40
 #define SOCK_STREAM 1
 #define SHUT_WR 1
@@ -142,8 +149,20 @@ static long check(long ret, const char *what)
 static void usage(void)
 {
 	put(2, "usage: keel-vsock connect CID PORT | echo PORT | unix-connect PATH PORT | "
-	       "unix-echo PATH\n");
+	       "unix-echo PATH | tcp-connect IPV4 PORT | tcp-listen PORT\n");
 	quit(2);
+}
+
+struct sockaddr_in {
+	unsigned short family;
+	unsigned short port; /* network order */
+	unsigned int addr;   /* network order */
+	unsigned char zero[8];
+};
+
+static unsigned short be16(unsigned int v)
+{
+	return (unsigned short)(((v & 0xff) << 8) | ((v >> 8) & 0xff));
 }
 
 static unsigned int number(const char *s)
@@ -238,8 +257,12 @@ static int echo(int s)
 static int accept_one(int family, const void *addr, long addr_len, const char *what)
 {
 	int l = (int)check(sys3(SYS_socket, family, SOCK_STREAM, 0), "socket");
-	int s;
+	int s, one = 1;
 
+	/* A TCP port a previous run used may still have connections in
+	 * TIME_WAIT. (SOL_SOCKET, SO_REUSEADDR) */
+	if (family == AF_INET)
+		check(sys6(SYS_setsockopt, l, 1, 2, (long)&one, sizeof(one), 0), "setsockopt");
 	check(sys3(SYS_bind, l, addr, addr_len), "bind");
 	check(sys3(SYS_listen, l, 1, 0), "listen");
 	put(2, "KEEL-VSOCK LISTENING ");
@@ -293,6 +316,32 @@ static void handshake(int s, const char *port)
 	}
 }
 
+/* a.b.c.d into network order, or usage. */
+static unsigned int ipv4(const char *s)
+{
+	unsigned int v = 0, part = 0, dots = 0, digits = 0;
+
+	for (;; s++) {
+		if (*s >= '0' && *s <= '9') {
+			part = part * 10 + (unsigned int)(*s - '0');
+			if (part > 255 || ++digits > 3)
+				usage();
+		} else if ((*s == '.' || !*s) && digits) {
+			v |= part << (8 * dots);
+			part = digits = 0;
+			if (!*s)
+				break;
+			if (++dots > 3)
+				usage();
+		} else {
+			usage();
+		}
+	}
+	if (dots != 3)
+		usage();
+	return v;
+}
+
 static int run(long argc, char **argv)
 {
 	struct sockaddr_vm vm = { AF_VSOCK, 0, 0, 0, { 0 } };
@@ -322,6 +371,18 @@ static int run(long argc, char **argv)
 		check(sys3(SYS_connect, s, &un, sizeof(un)), "connect");
 		handshake(s, argv[3]);
 		return relay(s);
+	}
+	if (argc == 4 && same(cmd, "tcp-connect")) {
+		struct sockaddr_in in = { AF_INET, be16(number(argv[3])), ipv4(argv[2]), { 0 } };
+
+		s = (int)check(sys3(SYS_socket, AF_INET, SOCK_STREAM, 0), "socket");
+		check(sys3(SYS_connect, s, &in, sizeof(in)), "connect");
+		return relay(s);
+	}
+	if (argc == 3 && same(cmd, "tcp-listen")) {
+		struct sockaddr_in in = { AF_INET, be16(number(argv[2])), 0, { 0 } };
+
+		return relay(accept_one(AF_INET, &in, sizeof(in), argv[2]));
 	}
 	if (argc == 3 && same(cmd, "unix-echo")) {
 		unix_addr(&un, argv[2]);

@@ -1,8 +1,8 @@
 # keel.test=net: virtio-net. Configures eth0 (keel.net.ip, default
 # 192.168.100.2/24), pings the host side (keel.net.peer, default
 # 192.168.100.1), then moves keel.net.mib MiB (default 100) each way over TCP
-# with busybox nc: to PEER:5000 (a listener there must wait for EOF), then
-# from PEER:5001.
+# with keel-vsock's TCP modes: to PEER:5000 (a listener there must wait for
+# EOF), then from PEER:5001.
 #   KEEL-L2 NET-MAC <mac>
 #   KEEL-L2 PING <replies>/3
 #   KEEL-L2 NET-TX <bytes> <sha256>    what the guest sent
@@ -21,20 +21,20 @@ replies=$(ping -c 3 -W 3 "$peer" 2>/dev/null | sed -n 's/.* \([0-9]*\) packets r
 echo "KEEL-L2 PING ${replies:-0}/3"
 
 mkfifo /tmp/hold /tmp/tx-copy /tmp/rx-copy
-# Sending: random data, hashed on its way out (no copy kept in memory).
+# keel-vsock moves TCP data in 64 KiB pieces (busybox nc's small ones cost
+# an exit each few KiB in the nested lab). Sending: random data, hashed on
+# its way out; at its end the helper half-closes and waits for the peer.
 sha256sum </tmp/tx-copy >/tmp/tx-sum &
 hash=$!
-# stdin EOF makes nc half-close: the listener sees the end, closes, and nc
-# exits on that.
 dd if=/dev/urandom bs=1M count="$mib" iflag=fullblock 2>/dev/null | tee /tmp/tx-copy |
-	nc "$peer" 5000 || echo "KEEL-L2 NET-TX-FAILED"
+	keel-vsock tcp-connect "$peer" 5000 >/dev/null || echo "KEEL-L2 NET-TX-FAILED"
 wait $hash
 echo "KEEL-L2 NET-TX $((mib * 1048576)) $(cut -d' ' -f1 /tmp/tx-sum)"
-# Receiving: nc's stdin must stay open (nc gives up when it ends and the
-# peer has closed), so it is a FIFO held open until the transfer is over.
+# Receiving: the helper's stdin must stay open (it half-closes when stdin
+# ends), so it is a FIFO held open until the transfer is over.
 sha256sum </tmp/rx-copy >/tmp/rx-sum &
 hash=$!
-nc "$peer" 5001 </tmp/hold | tee /tmp/rx-copy | wc -c >/tmp/rx-bytes &
+keel-vsock tcp-connect "$peer" 5001 </tmp/hold | tee /tmp/rx-copy | wc -c >/tmp/rx-bytes &
 pid=$!
 exec 3>/tmp/hold
 wait $pid
