@@ -72,6 +72,14 @@ impl Bus {
         devices.remove(&base).map(|(_, device)| device)
     }
 
+    /// Takes every device off the bus. Devices that point back at the bus
+    /// (PCI configuration space does, to place BARs) would otherwise keep
+    /// each other alive after the VM is gone.
+    pub fn clear(&self) {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        devices.clear();
+    }
+
     /// Moves the device at `old` to `new`; on overlap it stays where it was.
     pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
         let (range, device) = {

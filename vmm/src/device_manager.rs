@@ -542,6 +542,14 @@ impl DeviceManager {
                 output.finish();
             }
         }
+        // The PCI segment and the MMIO bus point at each other (ECAM on the
+        // bus, BARs placed by the segment): break the cycle so the devices
+        // are dropped now — disk images closed and unlocked, taps released,
+        // vsock sockets removed — and a later vm.boot can open them again.
+        keel_devices::bus::lock(&self.pci).clear();
+        self.virtio.clear();
+        self.buses.mmio.clear();
+        self.buses.io.clear();
     }
 }
 

@@ -184,8 +184,20 @@ fn lifecycle_pause_resume_and_events() {
     assert_eq!(status_of(api.action(Endpoint::VmBoot)), 404);
     assert_eq!(status_of(api.action(Endpoint::VmPause)), 404);
 
-    let config = tick_config(&vmm.serial());
+    // A disk and a vsock device: after vm.shutdown their image lock and
+    // socket must be let go, or the next vm.boot could not take them again.
+    let mut config = tick_config(&vmm.serial());
+    let disk = vmm.dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    config
+        .disks
+        .push(keel_api::DiskConfig::parse(&format!("path={}", disk.display())).unwrap());
+    let vsock_path = vmm.dir.join("vsock.sock");
+    config.vsock = Some(
+        keel_api::VsockConfig::parse(&format!("cid=3,socket={}", vsock_path.display())).unwrap(),
+    );
     api.create(&config).unwrap();
+    config.assign_device_ids();
     assert_eq!(status_of(api.create(&config)), 405);
     assert_eq!(api.info().unwrap().state, VmState::Created);
     // Not booted: pausing or shutting down is the wrong state.
@@ -224,6 +236,10 @@ fn lifecycle_pause_resume_and_events() {
     // Shut down keeps the configuration; boot starts it again.
     api.action(Endpoint::VmShutdown).unwrap();
     assert_eq!(api.info().unwrap().state, VmState::Shutdown);
+    assert!(
+        !vsock_path.exists(),
+        "the vsock socket is removed at shutdown"
+    );
     assert_eq!(status_of(api.action(Endpoint::VmShutdown)), 405);
     assert_eq!(status_of(api.action(Endpoint::VmPowerButton)), 405);
     api.action(Endpoint::VmBoot).unwrap();

@@ -7,7 +7,7 @@
 //! lines. The guest's side is
 //! `tests/guest/initramfs/tests/api.sh`.
 
-use keel_tests::lab::{CaseResult, GuestBoot, Kernel, LabSession};
+use keel_tests::lab::{CaseResult, GuestBoot, Kernel, LabResults, LabSession};
 
 const HOT_MIB: u64 = 4;
 /// How long L1 keeps the VM paused.
@@ -83,6 +83,54 @@ cat $SER
     )
 }
 
+/// The lifecycle endpoints, from an empty VMM: vm.create (a JSON
+/// VmConfig), vm.boot, vm.add-vsock (hot-plugged), vm.reboot, vm.shutdown,
+/// vm.boot again, vm.delete and vmm.shutdown, with vm.info's state between.
+fn lifecycle_script() -> String {
+    r#"cd /tmp
+S=/tmp/life.sock; SER=/tmp/life-serial
+rm -f $S $SER
+cat >/tmp/life.json <<JSON
+{"cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":268435456},
+ "payload":{"kernel":"/keel/guest/bzImage","initramfs":"/keel/guest/initramfs.cpio.gz",
+            "cmdline":"console=ttyS0 quiet keel.test=idle"},
+ "serial":{"mode":"File","file":"/tmp/life-serial"},"console":{"mode":"Off"}}
+JSON
+/keel/bin/keel-vmm --api-socket path=$S &
+vmm=$!
+k() { keel vmm --socket $S "$@"; }
+boots() { b=$(grep -c "KEEL-L2 IDLE-BOOT" $SER 2>/dev/null); echo "${b:-0}"; }
+wait_boots() {
+	n=0
+	while [ "$(boots)" -lt "$1" ] && [ $n -lt 900 ]; do sleep 0.1; n=$((n + 1)); done
+	echo "KEEL-L1 BOOTS $(boots)"
+}
+state() { echo "KEEL-L1 STATE $(k info 2>&1 | sed -n 's/^state: *//p')"; }
+n=0; while [ ! -S $S ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+k info >/dev/null 2>&1 || echo "KEEL-L1 INFO-BEFORE-CREATE refused"
+k create /tmp/life.json && echo "KEEL-L1 CREATED"
+state
+k boot && echo "KEEL-L1 BOOTED"
+wait_boots 1
+state
+k add-vsock cid=3,socket=/tmp/life-vsock.sock,id=hotvsock && echo "KEEL-L1 ADDED-VSOCK"
+n=0; while ! grep -q "KEEL-L2 VSOCK-DEVICE" $SER && [ $n -lt 900 ]; do sleep 0.1; n=$((n + 1)); done
+k reboot && echo "KEEL-L1 REBOOTED"
+wait_boots 2
+k shutdown && echo "KEEL-L1 SHUT-DOWN"
+state
+k boot && echo "KEEL-L1 BOOTED-AGAIN"
+wait_boots 3
+k delete && echo "KEEL-L1 DELETED"
+k info >/dev/null 2>&1 || echo "KEEL-L1 INFO-AFTER-DELETE refused"
+k shutdown-vmm && echo "KEEL-L1 VMM-SHUTDOWN"
+wait $vmm
+echo "KEEL-L1 VMM-EXIT $?"
+cat $SER
+"#
+    .to_string()
+}
+
 fn value<'a>(case: &'a CaseResult, prefix: &str) -> &'a str {
     case.value(prefix)
         .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", case.output()))
@@ -108,11 +156,13 @@ fn api_drives_a_debian_guest() {
         .max_cpus(2)
         .test("api")
         .serial("file=/tmp/api-serial");
-    let results = LabSession::new()
+    let results: LabResults = LabSession::new()
         .smp(2)
         .case_with_timeout("api", l1_script(&guest.command()), 420)
+        .case_with_timeout("lifecycle", lifecycle_script(), 300)
         .run()
         .expect("the lab ran");
+    lifecycle_checks(results.get("lifecycle"));
     let case = results.get("api");
     let out = case.output();
     assert!(!case.timed_out, "timed out:\n{out}");
@@ -227,4 +277,42 @@ fn api_drives_a_debian_guest() {
         "vmm:shutdown",
     ];
     assert_eq!(events, expected, "{out}");
+}
+
+/// What the lifecycle case must show.
+fn lifecycle_checks(case: &CaseResult) {
+    let out = case.output();
+    assert!(!case.timed_out, "lifecycle timed out:\n{out}");
+    for line in [
+        "KEEL-L1 INFO-BEFORE-CREATE refused",
+        "KEEL-L1 CREATED",
+        "KEEL-L1 BOOTED",
+        "KEEL-L1 ADDED-VSOCK",
+        "KEEL-L2 VSOCK-DEVICE yes",
+        "KEEL-L1 REBOOTED",
+        "KEEL-L1 SHUT-DOWN",
+        "KEEL-L1 BOOTED-AGAIN",
+        "KEEL-L1 DELETED",
+        "KEEL-L1 INFO-AFTER-DELETE refused",
+        "KEEL-L1 VMM-SHUTDOWN",
+        "KEEL-L1 VMM-EXIT 0",
+    ] {
+        assert!(case.has_line(line), "no {line:?}:\n{out}");
+    }
+    let states: Vec<&str> = case
+        .lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("KEEL-L1 STATE "))
+        .collect();
+    assert_eq!(states, ["Created", "Running", "Shutdown"], "{out}");
+    let boots: Vec<&str> = case
+        .lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("KEEL-L1 BOOTS "))
+        .collect();
+    assert_eq!(
+        boots,
+        ["1", "2", "3"],
+        "a reboot and a boot after shutdown:\n{out}"
+    );
 }

@@ -142,6 +142,14 @@ impl PciSegment {
         Some(device)
     }
 
+    /// Takes every function off the bus (the VM is gone for good): each is
+    /// stopped and dropped here, unless someone else still holds it.
+    pub fn clear(&mut self) {
+        for slot in 1..self.slots.len() {
+            self.remove(slot);
+        }
+    }
+
     /// Whether `slot` holds a device.
     pub fn occupied(&self, slot: usize) -> bool {
         self.slots.get(slot).is_some_and(Option::is_some)
