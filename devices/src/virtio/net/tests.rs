@@ -736,6 +736,11 @@ fn activated_device_moves_frames_both_ways_on_its_worker() {
         }
     }
     assert!(found, "the host's frame never reached the guest");
+    // The used entry is visible a moment before the worker interrupts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while irq.queue.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(irq.queue.load(Ordering::SeqCst) >= 2);
     assert_eq!(irq.needs_reset.load(Ordering::SeqCst), 0);
     let state = net.state();
