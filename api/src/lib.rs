@@ -7,6 +7,7 @@
 pub mod client;
 pub mod device_config;
 pub mod http;
+pub mod keeld_client;
 pub mod options;
 pub mod request;
 pub mod vm_config;

@@ -1,0 +1,198 @@
+//! One keel-vmm process: how it is started, found again and talked to.
+//!
+//! Each VM's files live in `<data>/vms/<id>/`: `api.sock` (the VMM's API),
+//! `events.jsonl` (its event monitor), `vmm.log` (its log and last words),
+//! `serial.log` (everything the guest wrote to COM1) and `console.in` (a
+//! FIFO the VMM reads as its terminal: the web console writes keys there).
+//! The VMM runs in its own process group with none of keeld's descriptors,
+//! so it outlives keeld; a new keeld finds it again by pid and start time.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use keel_api::client::{ClientError, VmmClient};
+
+use crate::model::VmmProcess;
+
+pub struct VmFiles {
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn events(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    pub fn serial(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    pub fn console_in(&self) -> PathBuf {
+        self.dir.join("console.in")
+    }
+    pub fn seed(&self) -> PathBuf {
+        self.dir.join("seed.iso")
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
+    format!("Cannot {what} {}: {e}", path.display())
+}
+
+fn mkfifo(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return Ok(());
+    }
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("Bad path {}", path.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated path; mkfifo reads only it.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(io_err(
+            "create the console FIFO",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts keel-vmm for a VM (empty: the VM comes with `vm.create`). Returns
+/// the child, already in its own process group.
+pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, String> {
+    std::fs::create_dir_all(&files.dir).map_err(|e| io_err("create", &files.dir, e))?;
+    let _ = std::fs::remove_file(files.socket());
+    File::create(files.events()).map_err(|e| io_err("create", &files.events(), e))?;
+    mkfifo(&files.console_in())?;
+    // Read-write, so the FIFO never reads as closed while writers come and
+    // go (the web console, a restarted keeld).
+    let stdin = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(files.console_in())
+        .map_err(|e| io_err("open", &files.console_in(), e))?;
+    let append = |path: PathBuf| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_err("open", &path, e))
+    };
+    let serial = append(files.serial())?;
+    let log = append(files.log())?;
+    let mut command = std::process::Command::new(binary);
+    command
+        .arg("--api-socket")
+        .arg(format!("path={}", files.socket().display()))
+        .arg("--event-monitor")
+        .arg(format!("path={}", files.events().display()))
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(serial))
+        .stderr(Stdio::from(log))
+        .process_group(0);
+    command
+        .spawn()
+        .map_err(|e| format!("Cannot run {}: {e}", binary.display()))
+}
+
+/// The start time of a process in clock ticks since boot (field 22 of
+/// /proc/PID/stat), or None when there is no such (live) process.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is the state (field 3); a zombie is as good as gone.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether the recorded process is still the VM's keel-vmm.
+pub fn alive(process: &VmmProcess) -> bool {
+    start_ticks(process.pid) == Some(process.start_ticks)
+}
+
+/// The last thing keel-vmm said (its final error line, if it left one).
+pub fn last_words(files: &VmFiles) -> String {
+    let text = std::fs::read_to_string(files.log()).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("keel-vmm:") || l.contains("ERROR"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `f` with a client connected to the VM's API socket, off the async
+/// runtime (the client is blocking).
+pub async fn with_client<T: Send + 'static>(
+    socket: PathBuf,
+    timeout: Duration,
+    f: impl FnOnce(&mut VmmClient) -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut client = VmmClient::connect(&socket).map_err(|e| e.to_string())?;
+        client
+            .set_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        f(&mut client).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("The VMM call panicked: {e}"))?
+}
+
+/// Waits for the API socket to accept connections.
+pub async fn wait_for_socket(
+    socket: &Path,
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("keel-vmm exited at start ({status})"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "keel-vmm did not open its API socket {} within {timeout:?}",
+                socket.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_ticks_are_stable_and_a_dead_pid_has_none() {
+        let me = std::process::id() as i32;
+        let t = start_ticks(me).unwrap();
+        assert_eq!(start_ticks(me), Some(t));
+        assert!(alive(&VmmProcess {
+            pid: me,
+            start_ticks: t
+        }));
+        assert!(!alive(&VmmProcess {
+            pid: me,
+            start_ticks: t + 1
+        }));
+        assert_eq!(start_ticks(i32::MAX), None);
+    }
+}

@@ -1,0 +1,404 @@
+//! Image import: from a local path, an http URL or a streamed upload, into
+//! `<data>/images/<id>.raw`, with progress, an optional SHA-256 check and
+//! qcow2 conversion (qemu-img, until keel-vmm reads qcow2 itself).
+//!
+//! Bytes land in `<id>.partial` first; only a complete, verified, converted
+//! image is renamed into place, so an interrupted import never leaves a
+//! usable half image, and its space is given back at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::keel::Keel;
+use crate::model::{Image, ImageFormat, ImageStatus};
+use crate::operations::Progress;
+use crate::store::StoreError;
+
+/// Where an image's bytes come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Path(PathBuf),
+    Url(String),
+}
+
+/// Receives an image's bytes, hashing and counting them.
+struct Sink {
+    file: tokio::fs::File,
+    hasher: Sha256,
+    written: u64,
+    total: Option<u64>,
+    last_percent: u8,
+}
+
+impl Sink {
+    async fn create(path: &Path, total: Option<u64>) -> Result<Sink, String> {
+        let file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| format!("Cannot create {}: {e}", path.display()))?;
+        Ok(Sink {
+            file,
+            hasher: Sha256::new(),
+            written: 0,
+            total,
+            last_percent: 0,
+        })
+    }
+
+    async fn write(
+        &mut self,
+        chunk: &[u8],
+        keel: &Keel,
+        image: &str,
+        op: Option<&Progress>,
+    ) -> Result<(), String> {
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(|e| format!("Cannot write the image: {e}"))?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        if let Some(total) = self.total.filter(|t| *t > 0) {
+            // Copying is 90% of the work; checking and conversion the rest.
+            let percent = (self.written.min(total) * 90 / total) as u8;
+            if percent != self.last_percent {
+                self.last_percent = percent;
+                set_progress(keel, image, percent);
+                if let Some(op) = op {
+                    op.set(percent);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(u64, String), String> {
+        self.file
+            .sync_all()
+            .await
+            .map_err(|e| format!("Cannot write the image: {e}"))?;
+        Ok((self.written, hex::encode(self.hasher.finalize())))
+    }
+}
+
+fn set_progress(keel: &Keel, id: &str, percent: u8) {
+    let _ = keel.images.update::<StoreError>(id, |img| {
+        img.progress = percent;
+        Ok(())
+    });
+}
+
+fn fail(keel: &Keel, id: &str, reason: &str) {
+    let _ = std::fs::remove_file(keel.paths.image_file(id, "partial"));
+    let _ = keel.images.update::<StoreError>(id, |img| {
+        img.status = ImageStatus::Error;
+        img.status_reason = reason.to_string();
+        img.progress = 0;
+        Ok(())
+    });
+}
+
+/// Imports from a path or URL (run as an operation).
+pub async fn import(
+    keel: Arc<Keel>,
+    id: String,
+    source: Source,
+    expected_sha256: Option<String>,
+    op: Progress,
+) -> Result<(), String> {
+    let partial = keel.paths.image_file(&id, "partial");
+    let copied = match &source {
+        Source::Path(path) => copy_file(&keel, &id, path, &partial, &op).await,
+        Source::Url(url) => download(&keel, &id, url, &partial, &op).await,
+    };
+    let result = match copied {
+        Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        fail(&keel, &id, e);
+    }
+    result
+}
+
+/// Receives an upload's body (its length when the client gave one).
+pub async fn upload<S, E>(
+    keel: Arc<Keel>,
+    id: String,
+    mut body: S,
+    length: Option<u64>,
+    expected_sha256: Option<String>,
+) -> Result<(), String>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let partial = keel.paths.image_file(&id, "partial");
+    let received = async {
+        let mut sink = Sink::create(&partial, length).await?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("The upload was cut short: {e}"))?;
+            sink.write(&chunk, &keel, &id, None).await?;
+        }
+        if let Some(length) = length
+            && sink.written != length
+        {
+            return Err(format!(
+                "The upload was cut short: {} of {length} bytes arrived",
+                sink.written
+            ));
+        }
+        sink.finish().await
+    }
+    .await;
+    let result = match received {
+        Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &result {
+        fail(&keel, &id, e);
+    }
+    result
+}
+
+async fn copy_file(
+    keel: &Keel,
+    id: &str,
+    from: &Path,
+    to: &Path,
+    op: &Progress,
+) -> Result<(u64, String), String> {
+    let mut file = tokio::fs::File::open(from)
+        .await
+        .map_err(|e| format!("Cannot open {}: {e}", from.display()))?;
+    let total = file.metadata().await.map(|m| m.len()).ok();
+    let mut sink = Sink::create(to, total).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("Cannot read {}: {e}", from.display()))?;
+        if n == 0 {
+            break;
+        }
+        sink.write(&buf[..n], keel, id, Some(op)).await?;
+    }
+    sink.finish().await
+}
+
+/// `http://host[:port]/path` → (host, port, path).
+pub fn parse_http_url(url: &str) -> Result<(String, u16, String), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "{url}: https is not supported yet; download the file and import it by path or \
+             upload it"
+        ));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: not an http:// URL"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url}: bad port {p:?}"))?,
+        ),
+        None => (authority, 80),
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok((host.to_string(), port, path.to_string()))
+}
+
+async fn download(
+    keel: &Keel,
+    id: &str,
+    url: &str,
+    to: &Path,
+    op: &Progress,
+) -> Result<(u64, String), String> {
+    let (host, port, path) = parse_http_url(url)?;
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("Cannot connect to {host}:{port}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = hyper::Request::get(&path)
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .header(hyper::header::USER_AGENT, "keeld")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let mut response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: the server answered {}", response.status()));
+    }
+    let total = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut sink = Sink::create(to, total).await?;
+    let body = response.body_mut();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("{url}: the download failed: {e}"))?;
+        if let Some(chunk) = frame.data_ref() {
+            sink.write(chunk, keel, id, Some(op)).await?;
+        }
+    }
+    if let Some(total) = total
+        && sink.written != total
+    {
+        return Err(format!(
+            "{url}: the download was cut short ({} of {total} bytes)",
+            sink.written
+        ));
+    }
+    sink.finish().await
+}
+
+/// What the bytes are, from their magic numbers.
+pub fn sniff(head: &[u8]) -> ImageFormat {
+    if head.starts_with(b"QFI\xfb") {
+        ImageFormat::Qcow2
+    } else if head.len() >= 0x8006 && &head[0x8001..0x8006] == b"CD001" {
+        ImageFormat::Iso
+    } else {
+        ImageFormat::Raw
+    }
+}
+
+async fn finish(
+    keel: &Arc<Keel>,
+    id: &str,
+    size: u64,
+    sha: &str,
+    expected: Option<&str>,
+) -> Result<(), String> {
+    if let Some(expected) = expected
+        && !expected.eq_ignore_ascii_case(sha)
+    {
+        return Err(format!(
+            "Checksum mismatch: the data's SHA-256 is {sha}, {expected} was expected"
+        ));
+    }
+    let image = keel
+        .images
+        .get(id)
+        .ok_or_else(|| format!("Image {id} was deleted during its import"))?;
+    let partial = keel.paths.image_file(id, "partial");
+    let head = crate::files::read_head(&partial, 0x8006).map_err(|e| e.to_string())?;
+    let found = sniff(&head);
+    // An ISO may hold anything, and a raw disk may look like an ISO: only
+    // a declared qcow2 must be one, and a qcow2 must be declared.
+    if (found == ImageFormat::Qcow2) != (image.source_format == ImageFormat::Qcow2) {
+        return Err(format!(
+            "The data is {found:?} but the image was declared {:?}; give format={}",
+            image.source_format,
+            serde_json::to_value(found)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        ));
+    }
+    let target = keel.paths.image_disk(id);
+    let size = if found == ImageFormat::Qcow2 {
+        set_progress(keel, id, 92);
+        let converted = keel.paths.image_file(id, "converting");
+        let output = tokio::process::Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&partial)
+            .arg(&converted)
+            .output()
+            .await
+            .map_err(|e| {
+                format!("Cannot run qemu-img to convert the qcow2 image ({e}); install qemu-utils")
+            })?;
+        let _ = std::fs::remove_file(&partial);
+        if !output.status.success() {
+            let _ = std::fs::remove_file(&converted);
+            return Err(format!(
+                "qemu-img could not convert the image: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        std::fs::rename(&converted, &target).map_err(|e| e.to_string())?;
+        std::fs::metadata(&target).map(|m| m.len()).unwrap_or(size)
+    } else {
+        std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
+        size
+    };
+    keel.images
+        .update::<StoreError>(id, |img| {
+            img.status = ImageStatus::Ready;
+            img.status_reason.clear();
+            img.progress = 100;
+            img.size = size;
+            img.sha256 = sha.to_string();
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Copies a kernel or initramfs that comes with an image.
+pub fn copy_boot_file(keel: &Keel, image: &Image, what: &str, from: &Path) -> Result<(), String> {
+    let to = keel.paths.image_file(&image.id, what);
+    std::fs::copy(from, &to)
+        .map(|_| ())
+        .map_err(|e| format!("Cannot copy the {what} {}: {e}", from.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_http_url("http://10.0.0.1:8000/a/b.img").unwrap(),
+            ("10.0.0.1".into(), 8000, "/a/b.img".into())
+        );
+        assert_eq!(
+            parse_http_url("http://host").unwrap(),
+            ("host".into(), 80, "/".into())
+        );
+        assert!(
+            parse_http_url("https://host/x")
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(parse_http_url("ftp://host/x").is_err());
+        assert!(parse_http_url("http://:80/x").is_err());
+        assert!(parse_http_url("http://h:99999/x").is_err());
+    }
+
+    #[test]
+    fn formats_by_magic() {
+        assert_eq!(sniff(b"QFI\xfb\0\0\0\x03"), ImageFormat::Qcow2);
+        let mut iso = vec![0u8; 0x8006];
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        assert_eq!(sniff(&iso), ImageFormat::Iso);
+        assert_eq!(sniff(&[0u8; 512]), ImageFormat::Raw);
+        assert_eq!(sniff(b""), ImageFormat::Raw);
+    }
+}

@@ -1,0 +1,236 @@
+//! The orchestrator's shared state: configuration, the store and its
+//! in-memory collections, the paths of everything under the data dir.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::agent::Agent;
+use crate::auth;
+use crate::collection::Collection;
+use crate::model::{
+    Disk, Flavor, IdempotentReply, Image, Membership, Operation, Project, Role, Token, User, Vm,
+    new_id, now,
+};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Log, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// The keel-vmm binary the agent runs.
+    pub vmm_binary: PathBuf,
+    /// vCPUs that may be allocated per host CPU.
+    pub cpu_overcommit: f64,
+    /// How long `stop` waits for the guest to power off after the ACPI
+    /// power button before it forces the VM off.
+    pub stop_timeout: Duration,
+    /// How long a login session lasts.
+    pub session_ttl: Duration,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            vmm_binary: default_vmm_binary(),
+            cpu_overcommit: 4.0,
+            stop_timeout: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// keel-vmm beside keeld's own binary, else from PATH.
+fn default_vmm_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("keel-vmm")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("keel-vmm"))
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("Cannot create the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("Cannot write the initial admin password to {path}")]
+    Password {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where things live under the data dir.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    root: PathBuf,
+}
+
+impl Paths {
+    pub fn database(&self) -> PathBuf {
+        self.root.join("keel.db")
+    }
+    pub fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    pub fn image_disk(&self, id: &str) -> PathBuf {
+        self.images().join(format!("{id}.raw"))
+    }
+    pub fn image_file(&self, id: &str, what: &str) -> PathBuf {
+        self.images().join(format!("{id}.{what}"))
+    }
+    pub fn disks(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+    pub fn disk(&self, id: &str) -> PathBuf {
+        self.disks().join(format!("{id}.raw"))
+    }
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.root.join("vms").join(id)
+    }
+    pub fn admin_password(&self) -> PathBuf {
+        self.root.join("initial-admin-password")
+    }
+}
+
+pub struct Keel {
+    pub config: Config,
+    pub paths: Paths,
+    pub store: Arc<dyn Store>,
+    pub projects: Collection<Project>,
+    pub users: Collection<User>,
+    pub tokens: Collection<Token>,
+    pub flavors: Collection<Flavor>,
+    pub images: Collection<Image>,
+    pub disks: Collection<Disk>,
+    pub vms: Collection<Vm>,
+    pub operations: Collection<Operation>,
+    pub idempotency: Collection<IdempotentReply>,
+    pub agent: Agent,
+    /// One lock per idempotency key while its first request runs.
+    pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The flavors a new installation has.
+const DEFAULT_FLAVORS: [(&str, u8, u64); 4] = [
+    ("1c2g", 1, 2048),
+    ("2c4g", 2, 4096),
+    ("4c8g", 4, 8192),
+    ("8c16g", 8, 16384),
+];
+
+pub const DEFAULT_PROJECT: &str = "default";
+
+impl Keel {
+    /// Opens the data dir and store; on first start creates the default
+    /// project, flavors and the admin user, returning its password once.
+    pub fn open(config: Config) -> Result<(Arc<Keel>, Option<String>), StartError> {
+        let paths = Paths {
+            root: config.data_dir.clone(),
+        };
+        for dir in [
+            paths.root.clone(),
+            paths.images(),
+            paths.disks(),
+            paths.root.join("vms"),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&paths.database())?);
+        let keel = Arc::new(Keel {
+            projects: Collection::load(store.clone())?,
+            users: Collection::load(store.clone())?,
+            tokens: Collection::load(store.clone())?,
+            flavors: Collection::load(store.clone())?,
+            images: Collection::load(store.clone())?,
+            disks: Collection::load(store.clone())?,
+            vms: Collection::load(store.clone())?,
+            operations: Collection::load(store.clone())?,
+            idempotency: Collection::load(store.clone())?,
+            agent: Agent::default(),
+            idempotency_locks: Mutex::new(HashMap::new()),
+            store,
+            paths,
+            config,
+        });
+        let password = keel.first_start()?;
+        Ok((keel, password))
+    }
+
+    fn first_start(&self) -> Result<Option<String>, StartError> {
+        if self.projects.get(DEFAULT_PROJECT).is_none() {
+            self.projects.insert(Project {
+                id: DEFAULT_PROJECT.into(),
+                name: DEFAULT_PROJECT.into(),
+                description: "Created at installation".into(),
+                created_at: now(),
+            })?;
+        }
+        if self.flavors.is_empty() {
+            for (id, vcpus, memory_mib) in DEFAULT_FLAVORS {
+                self.flavors.insert(Flavor {
+                    id: id.into(),
+                    vcpus,
+                    memory_mib,
+                })?;
+            }
+        }
+        if !self.users.is_empty() {
+            return Ok(None);
+        }
+        let password = auth::random_hex(12)?;
+        self.users.insert(User {
+            id: new_id("user"),
+            name: "admin".into(),
+            password_hash: auth::hash_password(&password)?,
+            system_admin: true,
+            memberships: vec![Membership {
+                project: DEFAULT_PROJECT.into(),
+                role: Role::Admin,
+            }],
+            created_at: now(),
+        })?;
+        let path = self.paths.admin_password();
+        crate::files::write_atomic(&path, format!("{password}\n").as_bytes(), 0o600).map_err(
+            |source| StartError::Password {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
+        Ok(Some(password))
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Records a VM event (from its VMM or from the agent) in the store's
+    /// event log.
+    pub fn event(&self, vm: &str, kind: &str, message: &str) {
+        let body = serde_json::json!({
+            "time": now(),
+            "vm": vm,
+            "event": kind,
+            "message": message,
+        });
+        if let Err(e) = self.store.append(Log::Event, vm, &body) {
+            log::warn!("Cannot record event {kind} of {vm}: {e}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `keeld serve`: Keel's orchestrator with its node agent, in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keel_orchestrator::{Config, Keel, agent, operations, web};
+
+#[derive(Parser)]
+#[command(name = "keeld", version, about = "Keel's orchestrator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane and the node agent.
+    Serve {
+        /// Where the store, images, disks and VM files live.
+        #[arg(long, default_value = "/var/lib/keel")]
+        data_dir: PathBuf,
+        /// Address of the web API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The keel-vmm binary (default: beside keeld, else on PATH).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+        /// vCPUs that may be allocated per host CPU.
+        #[arg(long, default_value_t = 4.0)]
+        cpu_overcommit: f64,
+        /// Seconds `stop` waits for the guest after the power button.
+        #[arg(long, default_value_t = 60)]
+        stop_timeout: u64,
+        /// Log more (-v info, -vv debug).
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
+    },
+}
+
+struct StderrLogger(log::LevelFilter);
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.0
+    }
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) && record.target().starts_with("keel") {
+            eprintln!("keeld: {}: {}", record.level(), record.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let Cli {
+        command:
+            Command::Serve {
+                data_dir,
+                listen,
+                vmm,
+                cpu_overcommit,
+                stop_timeout,
+                verbose,
+            },
+    } = Cli::parse();
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    let logger = Box::leak(Box::new(StderrLogger(level)));
+    let _ = log::set_logger(logger).map(|()| log::set_max_level(level));
+
+    if !(cpu_overcommit > 0.0 && cpu_overcommit <= 64.0) {
+        eprintln!("keeld: --cpu-overcommit must be above 0 and at most 64");
+        return ExitCode::from(1);
+    }
+    let mut config = Config::new(data_dir);
+    if let Some(vmm) = vmm {
+        config.vmm_binary = vmm;
+    }
+    config.cpu_overcommit = cpu_overcommit;
+    config.stop_timeout = Duration::from_secs(stop_timeout);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keeld: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let (keel, password) = match Keel::open(config) {
+            Ok(opened) => opened,
+            Err(e) => {
+                eprintln!("keeld: {}", chain(&e));
+                return ExitCode::from(1);
+            }
+        };
+        if let Some(password) = password {
+            println!(
+                "keeld: created user admin with password {password} (also in {}; change it \
+                 or make other users, then delete that file)",
+                keel.paths.admin_password().display()
+            );
+        }
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("keeld: cannot listen on {listen}: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        operations::fail_interrupted(&keel);
+        agent::recover(&keel).await;
+        println!(
+            "keeld: serving http://{listen}/api/v1 (data in {})",
+            keel.data_dir().display()
+        );
+        let app = web::router(keel.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        // VMs keep running when keeld stops: a restarted keeld re-attaches.
+        match axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keeld: the server failed: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,371 @@
+//! keeld's resources, as stored and as the web API shows them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Kind;
+
+/// A resource kept in a [`crate::collection::Collection`].
+pub trait Resource:
+    Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static
+{
+    const KIND: Kind;
+    fn id(&self) -> &str;
+}
+
+macro_rules! resource {
+    ($t:ty, $kind:expr) => {
+        impl Resource for $t {
+            const KIND: Kind = $kind;
+            fn id(&self) -> &str {
+                &self.id
+            }
+        }
+    };
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub created_at: u64,
+}
+resource!(Project, Kind::Project);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Membership {
+    pub project: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    /// Argon2id PHC string; never shown.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub password_hash: String,
+    /// Administrators of the whole installation: every project, users,
+    /// projects and flavors.
+    #[serde(default)]
+    pub system_admin: bool,
+    #[serde(default)]
+    pub memberships: Vec<Membership>,
+    pub created_at: u64,
+}
+resource!(User, Kind::User);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// From a password login; expires.
+    Session,
+    /// Made for a script; lives until deleted.
+    Api,
+}
+
+/// A bearer token, stored by the SHA-256 of its secret (the id).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Token {
+    pub id: String,
+    pub user: String,
+    pub kind: TokenKind,
+    #[serde(default)]
+    pub name: String,
+    pub created_at: u64,
+    /// 0: never.
+    pub expires_at: u64,
+}
+resource!(Token, Kind::Token);
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Flavor {
+    pub id: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+resource!(Flavor, Kind::Flavor);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+    Iso,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    Importing,
+    Ready,
+    Error,
+}
+
+/// How a VM made from an image boots while keel-vmm has no firmware: a
+/// kernel (and initramfs) kept beside the disk, and their command line.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BootSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<String>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Image {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    /// The format it was imported in; the stored disk is always raw.
+    pub source_format: ImageFormat,
+    pub status: ImageStatus,
+    #[serde(default)]
+    pub status_reason: String,
+    /// Bytes the guest sees (the raw image's length).
+    pub size: u64,
+    /// 0..=100 while importing.
+    pub progress: u8,
+    #[serde(default)]
+    pub sha256: String,
+    #[serde(default)]
+    pub os_type: String,
+    #[serde(default)]
+    pub os_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_flavor: Option<String>,
+    /// Smallest system disk a VM from it may have, in GiB.
+    #[serde(default)]
+    pub min_disk_gib: u64,
+    #[serde(default)]
+    pub boot: BootSpec,
+    /// Projects it is shared with (read and use, not change).
+    #[serde(default)]
+    pub shared_with: Vec<String>,
+    pub created_at: u64,
+}
+resource!(Image, Kind::Image);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskStatus {
+    Creating,
+    Available,
+    InUse,
+    Error,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Disk {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub size: u64,
+    pub status: DiskStatus,
+    /// The VM it is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// A VM's system disk lives and dies with it.
+    #[serde(default)]
+    pub system: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+    pub created_at: u64,
+}
+resource!(Disk, Kind::Disk);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    Creating,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+/// What the owner wants the VM to be doing; the agent works toward it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// First-boot configuration handed to cloud-init.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuestInit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Only whether one was given is ever shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_password: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// The keel-vmm process serving a VM, as the agent last saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmmProcess {
+    pub pid: i32,
+    /// /proc/PID/stat's start time, so a reused pid is not mistaken for it.
+    pub start_ticks: u64,
+    /// What the VMM was given room for: resizes within it need no reboot.
+    #[serde(default)]
+    pub max_vcpus: u8,
+    #[serde(default)]
+    pub max_memory_mib: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Vm {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub flavor: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub image: String,
+    pub system_disk: String,
+    /// Data disks, in attach order.
+    #[serde(default)]
+    pub disks: Vec<String>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    #[serde(default)]
+    pub guest_init: GuestInit,
+    pub desired: PowerState,
+    pub status: VmStatus,
+    #[serde(default)]
+    pub status_reason: String,
+    /// Set when deleted into the recycle bin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmProcess>,
+    /// Flavor changes that wait for the next boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_vcpus: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_memory_mib: Option<u64>,
+    #[serde(default)]
+    pub restarts: u32,
+    pub created_at: u64,
+}
+resource!(Vm, Kind::Vm);
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A long or asynchronous piece of work a mutating call started.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Operation {
+    pub id: String,
+    pub project: String,
+    /// e.g. `vm.create`, `image.import`.
+    pub action: String,
+    /// The resource it works on (its id).
+    pub target: String,
+    pub status: OperationStatus,
+    /// 0..=100.
+    pub progress: u8,
+    #[serde(default)]
+    pub error: String,
+    pub user: String,
+    pub created_at: u64,
+    #[serde(default)]
+    pub finished_at: u64,
+}
+resource!(Operation, Kind::Operation);
+
+/// The first answer given to a request with an `Idempotency-Key`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IdempotentReply {
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub body: String,
+    pub created_at: u64,
+}
+resource!(IdempotentReply, Kind::Idempotency);
+
+/// Names of projects, VMs, images, disks, flavors and users: DNS labels.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A fresh random id: `prefix-` and 12 hex digits.
+pub fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    // getrandom only fails where the OS has no entropy source at all.
+    let _ = getrandom::fill(&mut bytes);
+    format!("{prefix}-{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_dns_labels() {
+        for ok in ["a", "web-1", "0abc", &"x".repeat(63)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "é", &"x".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_differ() {
+        assert_ne!(new_id("vm"), new_id("vm"));
+        assert!(new_id("vm").starts_with("vm-"));
+    }
+}

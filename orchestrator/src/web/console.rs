@@ -1,0 +1,146 @@
+//! The VM's serial console: its output as kept in `serial.log`, and an
+//! interactive session over a WebSocket (output streamed from the log, keys
+//! written to the VMM's console FIFO).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+
+use super::access::find_vm;
+use super::{ApiResult, Caller};
+use crate::agent;
+use crate::auth::Access;
+use crate::keel::Keel;
+
+/// What a new console session is shown of the past.
+const BACKLOG: u64 = 16 << 10;
+const POLL: Duration = Duration::from_millis(30);
+
+#[derive(Deserialize)]
+pub struct Params {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    bytes: Option<u64>,
+}
+
+/// The last `len` bytes of a file, and the length it had.
+fn tail(path: &std::path::Path, len: u64) -> (Vec<u8>, u64) {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return (Vec::new(), 0);
+    };
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = size.saturating_sub(len);
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_ok() {
+        let _ = file.take(size - from).read_to_end(&mut buf);
+    }
+    (buf, size)
+}
+
+pub async fn serial_log(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<Params>,
+) -> ApiResult<Response> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
+    let (bytes, _) = tail(
+        &agent::files(&keel, &vm.id).serial(),
+        q.bytes.unwrap_or(64 << 10).min(16 << 20),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+}
+
+pub async fn websocket(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<Params>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    let files = agent::files(&keel, &vm.id);
+    let (serial, input) = (files.serial(), files.console_in());
+    Ok(upgrade.on_upgrade(move |socket| session(socket, serial, input)))
+}
+
+/// Keys for the VMM's terminal: its escape key (Ctrl-A) is doubled, so a
+/// web user types a literal Ctrl-A and cannot quit the VMM.
+pub fn escape_keys(keys: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.len());
+    for &b in keys {
+        out.push(b);
+        if b == 0x01 {
+            out.push(0x01);
+        }
+    }
+    out
+}
+
+async fn session(socket: WebSocket, serial: PathBuf, input: PathBuf) {
+    let (mut tx, mut rx) = socket.split();
+    let (backlog, mut offset) = tail(&serial, BACKLOG);
+    if !backlog.is_empty() && tx.send(Message::Binary(backlog.into())).await.is_err() {
+        return;
+    }
+    let output = async move {
+        loop {
+            tokio::time::sleep(POLL).await;
+            let size = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
+            if size < offset {
+                offset = 0;
+            }
+            if size > offset {
+                let (chunk, _) = tail(&serial, size - offset);
+                offset = size;
+                if tx.send(Message::Binary(chunk.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let keys = async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            let bytes = match msg {
+                Message::Text(t) => t.as_bytes().to_vec(),
+                Message::Binary(b) => b.to_vec(),
+                Message::Close(_) => return,
+                _ => continue,
+            };
+            // Non-blocking: with no VMM reading (the VM is off) the keys
+            // are dropped instead of hanging the session.
+            let fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&input);
+            if let Ok(mut fifo) = fifo {
+                let _ = fifo.write_all(&escape_keys(&bytes));
+            }
+        }
+    };
+    tokio::select! {
+        _ = output => {}
+        _ = keys => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_a_is_doubled() {
+        assert_eq!(escape_keys(b"ab\x01x"), b"ab\x01\x01x");
+        assert_eq!(escape_keys(b""), b"");
+    }
+}

@@ -1,0 +1,406 @@
+//! Disks with a life of their own: create, attach, detach, grow, clone,
+//! delete.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::access::{find_disk, find_vm};
+use super::vms::accepted;
+use super::{ApiError, ApiResult, Body, Caller};
+use crate::agent;
+use crate::auth::Access;
+use crate::files;
+use crate::keel::Keel;
+use crate::model::{Disk, DiskStatus, VmStatus, new_id, now, valid_name};
+use crate::operations;
+use crate::store::StoreError;
+
+const GIB: u64 = 1 << 30;
+const MAX_GIB: u64 = 64 << 10;
+
+#[derive(Deserialize)]
+pub struct ProjectParam {
+    #[serde(default)]
+    project: Option<String>,
+}
+
+pub async fn list(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Query(q): Query<ProjectParam>,
+) -> ApiResult<Json<Value>> {
+    let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
+    Ok(Json(json!(keel.disks.filter(|d| d.project == project))))
+}
+
+pub async fn show(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+) -> ApiResult<Json<Value>> {
+    let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
+    let mut v = json!(*disk);
+    v["allocated_bytes"] = json!(files::allocated_bytes(&keel.paths.disk(&disk.id)));
+    Ok(Json(v))
+}
+
+fn check_size(size_gib: u64) -> ApiResult<()> {
+    if size_gib == 0 || size_gib > MAX_GIB {
+        return Err(ApiError::bad_request(format!(
+            "size_gib={size_gib} is out of range: 1 to {MAX_GIB}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_new_name(keel: &Keel, project: &str, name: &str) -> ApiResult<()> {
+    if !valid_name(name) {
+        return Err(ApiError::bad_request(format!(
+            "Disk name {name:?} is invalid: use 1-63 lowercase letters, digits and dashes"
+        )));
+    }
+    if keel
+        .disks
+        .find(|d| d.project == project && d.name == name)
+        .is_some()
+    {
+        return Err(ApiError::conflict(format!(
+            "Project {project} already has a disk named {name}"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDisk {
+    name: String,
+    #[serde(default)]
+    project: Option<String>,
+    size_gib: u64,
+    #[serde(default)]
+    readonly: bool,
+}
+
+pub async fn create(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Body(req): Body<CreateDisk>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
+    check_new_name(&keel, &project, &req.name)?;
+    check_size(req.size_gib)?;
+    let disk = Disk {
+        id: new_id("disk"),
+        project: project.clone(),
+        name: req.name,
+        size: req.size_gib * GIB,
+        status: DiskStatus::Available,
+        vm: None,
+        system: false,
+        image: None,
+        readonly: req.readonly,
+        created_at: now(),
+    };
+    files::create_blank(&keel.paths.disk(&disk.id), disk.size)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let disk = keel.disks.insert(disk)?;
+    let op = operations::start(
+        &keel,
+        &project,
+        "disk.create",
+        &disk.id,
+        caller.name(),
+        |_| async { Ok(()) },
+    )?;
+    Ok(accepted(&op, "disk", json!(*disk)))
+}
+
+pub async fn remove(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+) -> ApiResult<StatusCode> {
+    let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if disk.system {
+        return Err(ApiError::conflict(format!(
+            "Disk {} is a VM's system disk: it goes when the VM is purged",
+            disk.name
+        )));
+    }
+    if let Some(vm) = &disk.vm {
+        return Err(ApiError::conflict(format!(
+            "Disk {} is attached to VM {vm}; detach it first",
+            disk.name
+        )));
+    }
+    let _ = std::fs::remove_file(keel.paths.disk(&disk.id));
+    keel.disks.remove(&disk.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    vm: String,
+}
+
+pub async fn attach(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+    Body(req): Body<Attach>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    let vm = find_vm(
+        &keel,
+        &caller,
+        &req.vm,
+        Some(&disk.project),
+        Access::Operate,
+    )?;
+    if vm.project != disk.project {
+        return Err(ApiError::bad_request(
+            "The disk and the VM are in different projects",
+        ));
+    }
+    if disk.vm.is_some() || disk.status != DiskStatus::Available {
+        return Err(ApiError::conflict(format!(
+            "Disk {} is {:?}{}",
+            disk.name,
+            disk.status,
+            disk.vm
+                .as_ref()
+                .map(|v| format!(" (VM {v})"))
+                .unwrap_or_default()
+        )));
+    }
+    if vm.deleted_at.is_some() || vm.status == VmStatus::Creating {
+        return Err(ApiError::conflict(format!(
+            "VM {} cannot take disks now",
+            vm.name
+        )));
+    }
+    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
+    let k = keel.clone();
+    let (disk_id, vm_id) = (disk.id.clone(), vm.id.clone());
+    // Claim the disk now so two attaches cannot race.
+    keel.disks.update::<StoreError>(&disk.id, |d| {
+        d.vm = Some(vm_id.clone());
+        d.status = DiskStatus::InUse;
+        Ok(())
+    })?;
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        "disk.attach",
+        &disk.id,
+        caller.name(),
+        move |_| async move {
+            let hot = if running {
+                agent::attach_disk(&k, &vm_id, &disk_id).await
+            } else {
+                Ok(())
+            };
+            match hot {
+                Ok(()) => {
+                    agent::set_vm(&k, &vm_id, |vm| vm.disks.push(disk_id.clone()));
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = k.disks.update::<StoreError>(&disk_id, |d| {
+                        d.vm = None;
+                        d.status = DiskStatus::Available;
+                        Ok(())
+                    });
+                    Err(e)
+                }
+            }
+        },
+    )?;
+    Ok(accepted(&op, "disk", json!(*disk)))
+}
+
+pub async fn detach(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if disk.system {
+        return Err(ApiError::conflict("A system disk cannot be detached"));
+    }
+    let Some(vm_id) = disk.vm.clone() else {
+        return Err(ApiError::conflict(format!(
+            "Disk {} is not attached",
+            disk.name
+        )));
+    };
+    let running = keel
+        .vms
+        .get(&vm_id)
+        .and_then(|vm| vm.vmm.clone())
+        .is_some_and(|p| agent::process::alive(&p));
+    let k = keel.clone();
+    let disk_id = disk.id.clone();
+    let op = operations::start(
+        &keel,
+        &disk.project,
+        "disk.detach",
+        &disk.id,
+        caller.name(),
+        move |_| async move {
+            if running {
+                agent::detach_disk(&k, &vm_id, &disk_id).await?;
+            }
+            agent::set_vm(&k, &vm_id, |vm| vm.disks.retain(|d| *d != disk_id));
+            k.disks
+                .update::<StoreError>(&disk_id, |d| {
+                    d.vm = None;
+                    d.status = DiskStatus::Available;
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    )?;
+    Ok(accepted(&op, "disk", json!(*disk)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDisk {
+    size_gib: u64,
+}
+
+pub async fn resize(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+    Body(req): Body<ResizeDisk>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    check_size(req.size_gib)?;
+    let size = req.size_gib * GIB;
+    if size < disk.size {
+        return Err(ApiError::bad_request(format!(
+            "Disks only grow: {} GiB is smaller than its {} GiB",
+            req.size_gib,
+            disk.size / GIB
+        )));
+    }
+    let running_vm = disk.vm.clone().filter(|vm| {
+        keel.vms
+            .get(vm)
+            .and_then(|v| v.vmm.clone())
+            .is_some_and(|p| agent::process::alive(&p))
+    });
+    let k = keel.clone();
+    let disk_id = disk.id.clone();
+    let op = operations::start(
+        &keel,
+        &disk.project,
+        "disk.resize",
+        &disk.id,
+        caller.name(),
+        move |_| async move {
+            match running_vm {
+                Some(vm) => agent::resize_disk(&k, &vm, &disk_id, size).await?,
+                None => files::grow(&k.paths.disk(&disk_id), size).map_err(|e| e.to_string())?,
+            }
+            k.disks
+                .update::<StoreError>(&disk_id, |d| {
+                    d.size = size;
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    )?;
+    Ok(accepted(&op, "disk", json!(*disk)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneDisk {
+    name: String,
+}
+
+pub async fn clone_disk(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ProjectParam>,
+    Body(req): Body<CloneDisk>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let source = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    check_new_name(&keel, &source.project, &req.name)?;
+    let in_running_vm = source.vm.as_ref().is_some_and(|vm| {
+        keel.vms
+            .get(vm)
+            .and_then(|v| v.vmm.clone())
+            .is_some_and(|p| agent::process::alive(&p))
+    });
+    if in_running_vm {
+        return Err(ApiError::conflict(format!(
+            "Disk {} is in use by a running VM; stop it (or detach the disk) for a \
+             consistent copy",
+            source.name
+        )));
+    }
+    let copy = keel.disks.insert(Disk {
+        id: new_id("disk"),
+        project: source.project.clone(),
+        name: req.name,
+        size: source.size,
+        status: DiskStatus::Creating,
+        vm: None,
+        system: false,
+        image: source.image.clone(),
+        readonly: source.readonly,
+        created_at: now(),
+    })?;
+    let k = keel.clone();
+    let (from, to, copy_id) = (
+        keel.paths.disk(&source.id),
+        keel.paths.disk(&copy.id),
+        copy.id.clone(),
+    );
+    let op = operations::start(
+        &keel,
+        &source.project,
+        "disk.clone",
+        &copy.id,
+        caller.name(),
+        move |op| async move {
+            let copied = tokio::task::spawn_blocking(move || {
+                files::thin_copy(&from, &to, |done, total| {
+                    op.set((done * 99 / total.max(1)) as u8)
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let status = if copied.is_ok() {
+                DiskStatus::Available
+            } else {
+                DiskStatus::Error
+            };
+            let _ = k.disks.update::<StoreError>(&copy_id, |d| {
+                d.status = status;
+                Ok(())
+            });
+            copied.map_err(|e| e.to_string())
+        },
+    )?;
+    Ok(accepted(&op, "disk", json!(*copy)))
+}

@@ -1,0 +1,342 @@
+//! Images: import (path, URL, upload), list, share, delete.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::access::find_image;
+use super::vms::accepted;
+use super::{ApiError, ApiResult, Body, Caller};
+use crate::auth::Access;
+use crate::images::{self, Source};
+use crate::keel::Keel;
+use crate::model::{BootSpec, Image, ImageFormat, ImageStatus, new_id, now, valid_name};
+use crate::operations::{self, Progress};
+use crate::store::StoreError;
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    #[serde(default)]
+    project: Option<String>,
+}
+
+pub async fn list(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Query(q): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
+    let images = keel
+        .images
+        .filter(|i| i.project == project || i.shared_with.iter().any(|s| *s == project));
+    Ok(Json(json!(images)))
+}
+
+pub async fn show(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
+    Ok(Json(json!(*image)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    url: Option<String>,
+    /// The bytes follow with `PUT /api/v1/images/{id}/data`.
+    #[serde(default)]
+    upload: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootFiles {
+    /// Host paths of a kernel and initramfs to boot the image with.
+    #[serde(default)]
+    kernel_path: Option<PathBuf>,
+    #[serde(default)]
+    initramfs_path: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    name: String,
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    format: Option<ImageFormat>,
+    source: SourceSpec,
+    /// Hex SHA-256 the bytes must have.
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    os_type: String,
+    #[serde(default)]
+    os_version: String,
+    #[serde(default)]
+    default_flavor: Option<String>,
+    #[serde(default)]
+    min_disk_gib: u64,
+    #[serde(default)]
+    boot: Option<BootFiles>,
+}
+
+pub fn check_new_name(keel: &Keel, project: &str, name: &str) -> ApiResult<()> {
+    if !valid_name(name) {
+        return Err(ApiError::bad_request(format!(
+            "Image name {name:?} is invalid: use 1-63 lowercase letters, digits and dashes"
+        )));
+    }
+    if keel
+        .images
+        .find(|i| i.project == project && i.name == name)
+        .is_some()
+    {
+        return Err(ApiError::conflict(format!(
+            "Project {project} already has an image named {name}"
+        )));
+    }
+    Ok(())
+}
+
+fn file_must_exist(what: &str, path: &std::path::Path) -> ApiResult<()> {
+    if !path.is_absolute() {
+        return Err(ApiError::bad_request(format!(
+            "{what} {} must be an absolute path on the keeld host",
+            path.display()
+        )));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ApiError::bad_request(format!(
+            "{what} {} is not a file",
+            path.display()
+        ))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "{what} {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+pub async fn create(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Body(req): Body<CreateImage>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
+    check_new_name(&keel, &project, &req.name)?;
+    let source = match (&req.source.path, &req.source.url, req.source.upload) {
+        (Some(p), None, false) => {
+            file_must_exist("source.path", p)?;
+            Some(Source::Path(p.clone()))
+        }
+        (None, Some(u), false) => {
+            images::parse_http_url(u).map_err(ApiError::bad_request)?;
+            Some(Source::Url(u.clone()))
+        }
+        (None, None, true) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "source: give exactly one of path, url or upload=true",
+            ));
+        }
+    };
+    if let Some(sha) = &req.sha256
+        && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::bad_request("sha256 must be 64 hex digits"));
+    }
+    if let Some(f) = &req.default_flavor
+        && keel.flavors.get(f).is_none()
+    {
+        return Err(ApiError::bad_request(format!("No flavor {f}")));
+    }
+    if req.min_disk_gib > 64 << 10 {
+        return Err(ApiError::bad_request("min_disk_gib is larger than 64 TiB"));
+    }
+    let mut boot = BootSpec::default();
+    if let Some(b) = &req.boot {
+        if let Some(k) = &b.kernel_path {
+            file_must_exist("boot.kernel_path", k)?;
+            boot.kernel = Some(k.display().to_string());
+        }
+        if let Some(i) = &b.initramfs_path {
+            file_must_exist("boot.initramfs_path", i)?;
+            boot.initramfs = Some(i.display().to_string());
+        }
+        if b.cmdline.len() > 2048 {
+            return Err(ApiError::bad_request(
+                "boot.cmdline is longer than 2048 bytes",
+            ));
+        }
+        boot.cmdline = b.cmdline.clone();
+    }
+    let image = keel.images.insert(Image {
+        id: new_id("img"),
+        project: project.clone(),
+        name: req.name,
+        source_format: req.format.unwrap_or(ImageFormat::Raw),
+        status: ImageStatus::Importing,
+        status_reason: if source.is_none() {
+            "waiting for the upload".into()
+        } else {
+            String::new()
+        },
+        size: 0,
+        progress: 0,
+        sha256: req.sha256.clone().unwrap_or_default(),
+        os_type: req.os_type,
+        os_version: req.os_version,
+        default_flavor: req.default_flavor,
+        min_disk_gib: req.min_disk_gib,
+        boot,
+        shared_with: vec![],
+        created_at: now(),
+    })?;
+    // The boot files are small: copy them now, so a bad one fails the call.
+    for (what, path) in [
+        ("kernel", &image.boot.kernel),
+        ("initramfs", &image.boot.initramfs),
+    ] {
+        if let Some(path) = path
+            && let Err(e) = images::copy_boot_file(&keel, &image, what, std::path::Path::new(path))
+        {
+            let _ = keel.images.remove(&image.id);
+            return Err(ApiError::bad_request(e));
+        }
+    }
+    let Some(source) = source else {
+        return Ok((StatusCode::CREATED, Json(json!({ "image": *image }))));
+    };
+    let k = keel.clone();
+    let id = image.id.clone();
+    let sha = req.sha256;
+    let op = operations::start(
+        &keel,
+        &project,
+        "image.import",
+        &image.id,
+        caller.name(),
+        move |op| images::import(k, id, source, sha, op),
+    )?;
+    Ok(accepted(&op, "image", json!(*image)))
+}
+
+/// Imports a local file as the bytes of an existing image record.
+pub async fn import_from_path(
+    keel: Arc<Keel>,
+    id: String,
+    path: PathBuf,
+    sha: Option<String>,
+    op: Progress,
+) -> Result<(), String> {
+    images::import(keel, id, Source::Path(path), sha, op).await
+}
+
+pub async fn upload(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ListParams>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    let waiting =
+        image.status == ImageStatus::Importing && image.status_reason == "waiting for the upload";
+    if !waiting {
+        return Err(ApiError::conflict(format!(
+            "Image {} is not waiting for an upload (it is {:?}); create an image with \
+             source.upload=true",
+            image.name, image.status
+        )));
+    }
+    keel.images.update::<StoreError>(&image.id, |img| {
+        img.status_reason = "uploading".into();
+        Ok(())
+    })?;
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let sha = (!image.sha256.is_empty()).then(|| image.sha256.clone());
+    let stream = req.into_body().into_data_stream();
+    images::upload(keel.clone(), image.id.clone(), stream, length, sha)
+        .await
+        .map_err(ApiError::bad_request)?;
+    let image = keel
+        .images
+        .get(&image.id)
+        .ok_or_else(|| ApiError::not_found("The image was deleted during its upload"))?;
+    Ok(Json(json!(*image)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    projects: Vec<String>,
+}
+
+pub async fn share(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ListParams>,
+    Body(req): Body<Share>,
+) -> ApiResult<Json<Value>> {
+    let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    for p in &req.projects {
+        if keel.projects.get(p).is_none() {
+            return Err(ApiError::bad_request(format!("No project {p}")));
+        }
+    }
+    let updated = keel
+        .images
+        .update::<StoreError>(&image.id, |img| {
+            img.shared_with = req.projects.clone();
+            img.shared_with.sort();
+            img.shared_with.dedup();
+            img.shared_with.retain(|p| *p != img.project);
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The image was deleted"))?;
+    Ok(Json(json!(*updated)))
+}
+
+pub async fn remove(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ListParams>,
+) -> ApiResult<StatusCode> {
+    let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if let Some(vm) = keel.vms.find(|vm| vm.image == image.id) {
+        return Err(ApiError::conflict(format!(
+            "VM {} (project {}) boots from image {}; purge it first",
+            vm.name, vm.project, image.name
+        )));
+    }
+    if image.status == ImageStatus::Importing && image.status_reason == "uploading" {
+        return Err(ApiError::conflict("The image is being uploaded"));
+    }
+    for what in ["raw", "partial", "converting", "kernel", "initramfs"] {
+        let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
+    }
+    keel.images.remove(&image.id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,519 @@
+//! keeld's web API: JSON under `/api/v1`, one module per resource.
+//!
+//! Every request passes three layers before its handler: `auth` (the
+//! bearer token becomes a [`Caller`]), `audit` (mutating calls are
+//! recorded with who, what, result and source address) and `idempotency`
+//! (a repeated `Idempotency-Key` gets the first answer again). The routes
+//! are one table ([`routes`]) from which both the router and the OpenAPI
+//! document are built, so the two cannot disagree.
+
+mod access;
+mod audit;
+mod auth_api;
+mod console;
+mod disks;
+mod idempotency;
+mod images;
+mod misc;
+mod openapi;
+mod vms;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
+
+use crate::keel::Keel;
+use crate::store::StoreError;
+
+pub use access::Caller;
+pub use openapi::openapi_document;
+
+/// An error answer: a status and a message saying what was wrong and what
+/// to do, as `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            _ => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// JSON bodies whose rejection (malformed, unknown field, wrong type) is
+/// answered as `{"error": ...}` with the serde message.
+pub struct Body<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rejection) => Err(ApiError::new(
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                format!("Invalid request body: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
+/// One route: method, path (axum syntax, `{param}`), what it does, and its
+/// handler.
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub handler: MethodRouter<Arc<Keel>>,
+}
+
+fn r(
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    handler: MethodRouter<Arc<Keel>>,
+) -> Route {
+    Route {
+        method,
+        path,
+        summary,
+        handler,
+    }
+}
+
+/// Every route keeld serves.
+pub fn routes() -> Vec<Route> {
+    vec![
+        r(
+            "GET",
+            "/api/v1/openapi.json",
+            "This document",
+            get(openapi::serve),
+        ),
+        r(
+            "GET",
+            "/metrics",
+            "Prometheus metrics of the node and its VMs",
+            get(misc::metrics),
+        ),
+        r(
+            "POST",
+            "/api/v1/login",
+            "Log in with a password; answers a session token",
+            post(auth_api::login),
+        ),
+        r(
+            "POST",
+            "/api/v1/logout",
+            "End the session of the token used",
+            post(auth_api::logout),
+        ),
+        r(
+            "GET",
+            "/api/v1/whoami",
+            "The caller and their roles",
+            get(auth_api::whoami),
+        ),
+        r(
+            "GET",
+            "/api/v1/tokens",
+            "The caller's API tokens",
+            get(auth_api::list_tokens),
+        ),
+        r(
+            "POST",
+            "/api/v1/tokens",
+            "Make an API token for scripts (shown once)",
+            post(auth_api::create_token),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/tokens/{id}",
+            "Revoke an API token",
+            delete(auth_api::delete_token),
+        ),
+        r(
+            "GET",
+            "/api/v1/users",
+            "Users (system admins)",
+            get(auth_api::list_users),
+        ),
+        r(
+            "POST",
+            "/api/v1/users",
+            "Create a user (system admins)",
+            post(auth_api::create_user),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/users/{id}",
+            "Delete a user (system admins)",
+            delete(auth_api::delete_user),
+        ),
+        r(
+            "GET",
+            "/api/v1/projects",
+            "Projects the caller belongs to",
+            get(auth_api::list_projects),
+        ),
+        r(
+            "POST",
+            "/api/v1/projects",
+            "Create a project (system admins)",
+            post(auth_api::create_project),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/projects/{id}",
+            "Delete an empty project (system admins)",
+            delete(auth_api::delete_project),
+        ),
+        r(
+            "PUT",
+            "/api/v1/projects/{id}/members/{user}",
+            "Give a user a role in a project (project admins)",
+            put(auth_api::set_member),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/projects/{id}/members/{user}",
+            "Take a user out of a project (project admins)",
+            delete(auth_api::remove_member),
+        ),
+        r("GET", "/api/v1/flavors", "Flavors", get(misc::list_flavors)),
+        r(
+            "POST",
+            "/api/v1/flavors",
+            "Add a flavor (system admins)",
+            post(misc::create_flavor),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/flavors/{id}",
+            "Remove a flavor (system admins)",
+            delete(misc::delete_flavor),
+        ),
+        r(
+            "GET",
+            "/api/v1/node",
+            "Host capacity, allocation and VM counts",
+            get(misc::node),
+        ),
+        r(
+            "GET",
+            "/api/v1/audit",
+            "The audit log (system admins)",
+            get(misc::audit),
+        ),
+        r(
+            "GET",
+            "/api/v1/operations",
+            "Operations of a project",
+            get(misc::list_operations),
+        ),
+        r(
+            "GET",
+            "/api/v1/operations/{id}",
+            "One operation; ?wait=SECONDS waits for its end",
+            get(misc::get_operation),
+        ),
+        r(
+            "GET",
+            "/api/v1/images",
+            "Images of a project and those shared with it",
+            get(images::list),
+        ),
+        r(
+            "POST",
+            "/api/v1/images",
+            "Import an image from a path or URL, or create one to upload",
+            post(images::create),
+        ),
+        r("GET", "/api/v1/images/{id}", "One image", get(images::show)),
+        r(
+            "DELETE",
+            "/api/v1/images/{id}",
+            "Delete an image no VM uses",
+            delete(images::remove),
+        ),
+        r(
+            "PUT",
+            "/api/v1/images/{id}/data",
+            "Upload an image's bytes (streamed)",
+            put(images::upload),
+        ),
+        r(
+            "POST",
+            "/api/v1/images/{id}/share",
+            "Share an image with other projects",
+            post(images::share),
+        ),
+        r(
+            "GET",
+            "/api/v1/disks",
+            "Disks of a project",
+            get(disks::list),
+        ),
+        r(
+            "POST",
+            "/api/v1/disks",
+            "Create a blank disk",
+            post(disks::create),
+        ),
+        r("GET", "/api/v1/disks/{id}", "One disk", get(disks::show)),
+        r(
+            "DELETE",
+            "/api/v1/disks/{id}",
+            "Delete a detached disk",
+            delete(disks::remove),
+        ),
+        r(
+            "POST",
+            "/api/v1/disks/{id}/attach",
+            "Attach a disk to a VM (hot-plug when it runs)",
+            post(disks::attach),
+        ),
+        r(
+            "POST",
+            "/api/v1/disks/{id}/detach",
+            "Detach a disk (hot-unplug when its VM runs)",
+            post(disks::detach),
+        ),
+        r(
+            "POST",
+            "/api/v1/disks/{id}/resize",
+            "Grow a disk (live when its VM runs)",
+            post(disks::resize),
+        ),
+        r(
+            "POST",
+            "/api/v1/disks/{id}/clone",
+            "Copy a disk",
+            post(disks::clone_disk),
+        ),
+        r(
+            "GET",
+            "/api/v1/vms",
+            "VMs of a project (?deleted=true: the recycle bin)",
+            get(vms::list),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms",
+            "Create a VM from an image and a flavor",
+            post(vms::create),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/batch",
+            "Start, stop, force off or delete several VMs",
+            post(vms::batch),
+        ),
+        r("GET", "/api/v1/vms/{id}", "One VM", get(vms::show)),
+        r(
+            "PATCH",
+            "/api/v1/vms/{id}",
+            "Rename or describe a VM, change its restart policy",
+            patch(vms::update),
+        ),
+        r(
+            "DELETE",
+            "/api/v1/vms/{id}",
+            "Stop a VM and move it to the recycle bin (?purge=true: delete for good)",
+            delete(vms::remove),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/restore",
+            "Bring a VM back from the recycle bin",
+            post(vms::restore),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/start",
+            "Start a VM",
+            post(vms::start),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/stop",
+            "ACPI power button, then force off after the stop timeout",
+            post(vms::stop),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/force-off",
+            "Power a VM off at once",
+            post(vms::force_off),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/reboot",
+            "Reset a running VM",
+            post(vms::reboot),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/pause",
+            "Pause a running VM",
+            post(vms::pause),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/resume",
+            "Resume a paused VM",
+            post(vms::resume),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/resize",
+            "Change vCPUs and memory (live where the VMM can)",
+            post(vms::resize),
+        ),
+        r(
+            "POST",
+            "/api/v1/vms/{id}/image",
+            "Create an image from a stopped VM's system disk",
+            post(vms::make_image),
+        ),
+        r(
+            "GET",
+            "/api/v1/vms/{id}/events",
+            "A VM's lifecycle events",
+            get(vms::events),
+        ),
+        r(
+            "GET",
+            "/api/v1/vms/{id}/serial",
+            "The end of a VM's serial console output",
+            get(console::serial_log),
+        ),
+        r(
+            "GET",
+            "/api/v1/vms/{id}/console",
+            "The serial console, interactive, over a WebSocket",
+            get(console::websocket),
+        ),
+    ]
+}
+
+/// The whole service.
+pub fn router(keel: Arc<Keel>) -> Router {
+    let mut by_path: BTreeMap<&'static str, MethodRouter<Arc<Keel>>> = BTreeMap::new();
+    for route in routes() {
+        let merged = match by_path.remove(route.path) {
+            Some(existing) => existing.merge(route.handler),
+            None => route.handler,
+        };
+        by_path.insert(route.path, merged);
+    }
+    let mut router = Router::new();
+    for (path, handler) in by_path {
+        router = router.route(path, handler);
+    }
+    router
+        .fallback(|| async { ApiError::not_found("No such path; see /api/v1/openapi.json") })
+        .layer(axum::middleware::from_fn_with_state(
+            keel.clone(),
+            idempotency::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            keel.clone(),
+            audit::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            keel.clone(),
+            access::authenticate,
+        ))
+        .with_state(keel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_once() {
+        let doc = openapi_document();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for route in routes() {
+            assert!(
+                seen.insert((route.method, route.path)),
+                "{} {} twice",
+                route.method,
+                route.path
+            );
+            let op = &paths[route.path][route.method.to_lowercase()];
+            assert!(
+                op.is_object(),
+                "{} {} missing from the document",
+                route.method,
+                route.path
+            );
+        }
+        let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+        assert_eq!(
+            documented,
+            seen.len(),
+            "the document has routes keeld does not serve"
+        );
+    }
+}

@@ -1,0 +1,992 @@
+//! VMs: create, lifecycle, resize, recycle bin, batch actions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use keel_api::vmm_api::Endpoint;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::access::{find_image, find_vm, image_usable_in};
+use super::{ApiError, ApiResult, Body, Caller};
+use crate::agent;
+use crate::auth::Access;
+use crate::files;
+use crate::keel::Keel;
+use crate::model::{
+    Disk, DiskStatus, GuestInit, Image, ImageStatus, Operation, PowerState, RestartPolicy, Vm,
+    VmStatus, new_id, now, valid_name,
+};
+use crate::node;
+use crate::operations;
+use crate::store::{Log, LogQuery, StoreError};
+
+const GIB: u64 = 1 << 30;
+/// The largest disk keeld makes: 64 TiB.
+const MAX_DISK_GIB: u64 = 64 << 10;
+/// How long `vm.create` and `start` wait for the VMM to report the boot.
+const BOOT_WAIT: Duration = Duration::from_secs(120);
+
+/// A VM as shown: the root password only as whether one was given.
+pub fn vm_view(vm: &Vm) -> Value {
+    let mut v = json!(vm);
+    if let Some(init) = v.get_mut("guest_init").and_then(|g| g.as_object_mut()) {
+        let set = init.remove("root_password").is_some();
+        init.insert("root_password_set".into(), json!(set));
+    }
+    v
+}
+
+pub fn accepted(op: &Operation, kind: &str, resource: Value) -> (StatusCode, Json<Value>) {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "operation": op, kind: resource })),
+    )
+}
+
+/// vCPUs and memory a VM may have at all.
+pub fn check_shape(vcpus: u8, memory_mib: u64) -> ApiResult<()> {
+    if vcpus == 0 || vcpus > keel_api::vm_config::MAX_VCPUS {
+        return Err(ApiError::bad_request(format!(
+            "vcpus={vcpus} is out of range: 1 to {}",
+            keel_api::vm_config::MAX_VCPUS
+        )));
+    }
+    if !(64..=(16 << 20)).contains(&memory_mib) {
+        return Err(ApiError::bad_request(format!(
+            "memory_mib={memory_mib} is out of range: 64 MiB to 16 TiB"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a VM that could never run on this host.
+fn check_fits_host(vcpus: u8, memory_mib: u64) -> ApiResult<()> {
+    let cpus = node::host_cpus();
+    if u32::from(vcpus) > cpus {
+        return Err(ApiError::unprocessable(format!(
+            "A VM with {vcpus} vCPUs is bigger than this host ({cpus} CPUs)"
+        )));
+    }
+    let (total, _) = node::host_memory();
+    if memory_mib << 20 > total {
+        return Err(ApiError::unprocessable(format!(
+            "A VM with {memory_mib} MiB of memory is bigger than this host ({} MiB)",
+            total >> 20
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    deleted: bool,
+    #[serde(default)]
+    status: Option<VmStatus>,
+    /// Page size (default 100, at most 1000) and the id to continue after.
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    after: Option<String>,
+}
+
+pub async fn list(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Query(q): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let after = q.after.unwrap_or_default();
+    let vms = keel.vms.filter(|vm| {
+        vm.project == project
+            && vm.deleted_at.is_some() == q.deleted
+            && q.status.is_none_or(|s| s == vm.status)
+            && vm.id.as_str() > after.as_str()
+    });
+    let page: Vec<Value> = vms.iter().take(limit).map(|vm| vm_view(vm)).collect();
+    let next = (vms.len() > limit).then(|| vms[limit - 1].id.clone());
+    Ok(Json(json!({ "items": page, "next": next })))
+}
+
+#[derive(Deserialize)]
+pub struct KeyParams {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    purge: bool,
+}
+
+pub async fn show(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+) -> ApiResult<Json<Value>> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
+    Ok(Json(vm_view(&vm)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDataDisk {
+    #[serde(default)]
+    name: Option<String>,
+    size_gib: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    name: String,
+    #[serde(default)]
+    project: Option<String>,
+    image: String,
+    #[serde(default)]
+    flavor: Option<String>,
+    #[serde(default)]
+    vcpus: Option<u8>,
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    /// System disk size; default: the image's size (at least its minimum).
+    #[serde(default)]
+    disk_gib: Option<u64>,
+    #[serde(default)]
+    data_disks: Vec<NewDataDisk>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    restart_policy: RestartPolicy,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    root_password: Option<String>,
+    #[serde(default)]
+    ssh_authorized_keys: Vec<String>,
+    /// Start it once created (default true).
+    #[serde(default)]
+    start: Option<bool>,
+}
+
+fn name_taken(keel: &Keel, project: &str, name: &str) -> bool {
+    keel.vms
+        .find(|vm| vm.project == project && vm.name == name && vm.deleted_at.is_none())
+        .is_some()
+}
+
+pub async fn create(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Body(req): Body<CreateVm>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
+    if !valid_name(&req.name) {
+        return Err(ApiError::bad_request(format!(
+            "VM name {:?} is invalid: use 1-63 lowercase letters, digits and dashes, not at \
+             either end",
+            req.name
+        )));
+    }
+    if name_taken(&keel, &project, &req.name) {
+        return Err(ApiError::conflict(format!(
+            "Project {project} already has a VM named {}",
+            req.name
+        )));
+    }
+    let image = find_image(&keel, &caller, &req.image, Some(&project), Access::Read)?;
+    if !image_usable_in(&image, &project) {
+        return Err(ApiError::not_found(format!(
+            "No image {} in project {project}",
+            req.image
+        )));
+    }
+    if image.status != ImageStatus::Ready {
+        return Err(ApiError::conflict(format!(
+            "Image {} is not ready ({:?}{}); wait for its import or import it again",
+            image.name,
+            image.status,
+            if image.status_reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", image.status_reason)
+            }
+        )));
+    }
+    let flavor_name = req
+        .flavor
+        .clone()
+        .or_else(|| image.default_flavor.clone())
+        .unwrap_or_else(|| "1c2g".into());
+    let (vcpus, memory_mib) = match (req.vcpus, req.memory_mib) {
+        (Some(v), Some(m)) => (v, m),
+        (v, m) => {
+            let flavor = keel.flavors.get(&flavor_name).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "No flavor {flavor_name}; GET /api/v1/flavors lists them"
+                ))
+            })?;
+            (v.unwrap_or(flavor.vcpus), m.unwrap_or(flavor.memory_mib))
+        }
+    };
+    check_shape(vcpus, memory_mib)?;
+    check_fits_host(vcpus, memory_mib)?;
+    let image_gib = image.size.div_ceil(GIB).max(image.min_disk_gib);
+    let disk_gib = req.disk_gib.unwrap_or(image_gib);
+    if disk_gib < image_gib {
+        return Err(ApiError::bad_request(format!(
+            "disk_gib={disk_gib} is smaller than image {} needs ({image_gib} GiB)",
+            image.name
+        )));
+    }
+    for size in std::iter::once(disk_gib).chain(req.data_disks.iter().map(|d| d.size_gib)) {
+        if size == 0 || size > MAX_DISK_GIB {
+            return Err(ApiError::bad_request(format!(
+                "A disk of {size} GiB is out of range: 1 GiB to {MAX_DISK_GIB} GiB"
+            )));
+        }
+    }
+    for (i, d) in req.data_disks.iter().enumerate() {
+        if let Some(name) = &d.name
+            && !valid_name(name)
+        {
+            return Err(ApiError::bad_request(format!(
+                "data_disks[{i}].name {name:?} is invalid"
+            )));
+        }
+    }
+    let hostname = req.hostname.clone().unwrap_or_else(|| req.name.clone());
+    if !valid_name(&hostname) {
+        return Err(ApiError::bad_request(format!(
+            "hostname {hostname:?} is invalid: a DNS label"
+        )));
+    }
+    if req
+        .root_password
+        .as_ref()
+        .is_some_and(|p| p.is_empty() || p.len() > 256)
+    {
+        return Err(ApiError::bad_request(
+            "root_password must be 1 to 256 characters",
+        ));
+    }
+    if req
+        .ssh_authorized_keys
+        .iter()
+        .any(|k| !k.starts_with("ssh-") && !k.starts_with("ecdsa-"))
+    {
+        return Err(ApiError::bad_request(
+            "ssh_authorized_keys must be OpenSSH public keys (ssh-ed25519 AAAA..., ssh-rsa ...)",
+        ));
+    }
+
+    let vm_id = new_id("vm");
+    let system = Disk {
+        id: new_id("disk"),
+        project: project.clone(),
+        name: format!("{}-system", req.name),
+        size: disk_gib * GIB,
+        status: DiskStatus::Creating,
+        vm: Some(vm_id.clone()),
+        system: true,
+        image: Some(image.id.clone()),
+        readonly: false,
+        created_at: now(),
+    };
+    let data: Vec<Disk> = req
+        .data_disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Disk {
+            id: new_id("disk"),
+            project: project.clone(),
+            name: d
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}-data{}", req.name, i + 1)),
+            size: d.size_gib * GIB,
+            status: DiskStatus::Creating,
+            vm: Some(vm_id.clone()),
+            system: false,
+            image: None,
+            readonly: false,
+            created_at: now(),
+        })
+        .collect();
+    let start = req.start.unwrap_or(true);
+    let vm = Vm {
+        id: vm_id.clone(),
+        project: project.clone(),
+        name: req.name,
+        description: req.description,
+        flavor: flavor_name,
+        vcpus,
+        memory_mib,
+        image: image.id.clone(),
+        system_disk: system.id.clone(),
+        disks: data.iter().map(|d| d.id.clone()).collect(),
+        restart_policy: req.restart_policy,
+        guest_init: GuestInit {
+            hostname: Some(hostname),
+            root_password: req.root_password,
+            ssh_authorized_keys: req.ssh_authorized_keys,
+        },
+        desired: if start {
+            PowerState::Running
+        } else {
+            PowerState::Stopped
+        },
+        status: VmStatus::Creating,
+        status_reason: String::new(),
+        deleted_at: None,
+        vmm: None,
+        pending_vcpus: None,
+        pending_memory_mib: None,
+        restarts: 0,
+        created_at: now(),
+    };
+    keel.disks.insert(system.clone())?;
+    for d in &data {
+        keel.disks.insert(d.clone())?;
+    }
+    let vm = keel.vms.insert(vm)?;
+    let k = keel.clone();
+    let id = vm_id.clone();
+    let op = operations::start(
+        &keel,
+        &project,
+        "vm.create",
+        &vm_id,
+        caller.name(),
+        move |op| async move {
+            let result = provision(&k, &id, &image, &system, &data, &op).await;
+            if let Err(e) = &result {
+                agent::set_vm(&k, &id, |vm| {
+                    vm.status = VmStatus::Error;
+                    vm.status_reason = e.clone();
+                });
+                return result;
+            }
+            if start {
+                agent::start(&k, &id).await?;
+                wait_for(&k, &id, VmStatus::Running).await
+            } else {
+                Ok(())
+            }
+        },
+    )?;
+    Ok(accepted(&op, "vm", vm_view(&vm)))
+}
+
+/// Makes a new VM's disks: the system disk as a thin copy of the image,
+/// blank data disks, and the cloud-init seed.
+async fn provision(
+    keel: &Arc<Keel>,
+    id: &str,
+    image: &Image,
+    system: &Disk,
+    data: &[Disk],
+    op: &operations::Progress,
+) -> Result<(), String> {
+    let from = keel.paths.image_disk(&image.id);
+    let to = keel.paths.disk(&system.id);
+    let size = system.size;
+    let progress = op.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut last = 0;
+        files::thin_copy(&from, &to, |done, total| {
+            let percent = (done * 80 / total.max(1)) as u8;
+            if percent != last {
+                last = percent;
+                progress.set(percent);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        if size > std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0) {
+            files::grow(&to, size).map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>(())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    for d in data {
+        files::create_blank(&keel.paths.disk(&d.id), d.size).map_err(|e| e.to_string())?;
+    }
+    for d in std::iter::once(system).chain(data) {
+        keel.disks
+            .update::<StoreError>(&d.id, |d| {
+                d.status = DiskStatus::InUse;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    let vm = keel
+        .vms
+        .get(id)
+        .ok_or("The VM was deleted while it was created")?;
+    let dir = keel.paths.vm_dir(id);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("Cannot create {}: {e}", dir.display()))?;
+    let hostname = vm
+        .guest_init
+        .hostname
+        .clone()
+        .unwrap_or_else(|| vm.name.clone());
+    crate::seed::build(
+        &agent::files(keel, id).seed(),
+        id,
+        &hostname,
+        &vm.guest_init,
+    )?;
+    op.set(90);
+    agent::set_vm(keel, id, |vm| {
+        vm.status = VmStatus::Stopped;
+    });
+    Ok(())
+}
+
+/// Waits for the VMM to report `want`; an error status ends the wait.
+async fn wait_for(keel: &Keel, id: &str, want: VmStatus) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + BOOT_WAIT;
+    loop {
+        let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+        if vm.status == want {
+            return Ok(());
+        }
+        if vm.status == VmStatus::Error {
+            return Err(vm.status_reason.clone());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "The VM is {:?} after {BOOT_WAIT:?}, not {want:?}",
+                vm.status
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn require_live(vm: &Vm) -> ApiResult<()> {
+    if vm.deleted_at.is_some() {
+        return Err(ApiError::conflict(format!(
+            "VM {} is in the recycle bin; restore it first",
+            vm.name
+        )));
+    }
+    if vm.status == VmStatus::Creating {
+        return Err(ApiError::conflict(format!(
+            "VM {} is still being created",
+            vm.name
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a lifecycle action as an operation.
+async fn lifecycle(
+    keel: Arc<Keel>,
+    caller: Caller,
+    key: String,
+    project: Option<String>,
+    action: &'static str,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &key, project.as_deref(), Access::Operate)?;
+    require_live(&vm)?;
+    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
+    match action {
+        "start" => {}
+        "reboot" | "pause" if !running || vm.status == VmStatus::Paused && action == "pause" => {
+            return Err(ApiError::conflict(format!(
+                "VM {} is {:?}; {action} needs a running VM",
+                vm.name, vm.status
+            )));
+        }
+        "resume" if vm.status != VmStatus::Paused => {
+            return Err(ApiError::conflict(format!(
+                "VM {} is {:?}, not paused",
+                vm.name, vm.status
+            )));
+        }
+        _ => {}
+    }
+    let k = keel.clone();
+    let id = vm.id.clone();
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        &format!("vm.{action}"),
+        &vm.id,
+        caller.name(),
+        move |_| async move {
+            match action {
+                "start" => {
+                    agent::start(&k, &id).await?;
+                    wait_for(&k, &id, VmStatus::Running).await
+                }
+                "stop" => agent::stop(&k, &id, false).await,
+                "force-off" => agent::stop(&k, &id, true).await,
+                "reboot" => agent::action(&k, &id, Endpoint::VmReboot).await,
+                "pause" => {
+                    agent::action(&k, &id, Endpoint::VmPause).await?;
+                    wait_for(&k, &id, VmStatus::Paused).await
+                }
+                "resume" => {
+                    agent::action(&k, &id, Endpoint::VmResume).await?;
+                    wait_for(&k, &id, VmStatus::Running).await
+                }
+                _ => Err(format!("Unknown action {action}")),
+            }
+        },
+    )?;
+    Ok(accepted(&op, "vm", vm_view(&vm)))
+}
+
+macro_rules! lifecycle_handler {
+    ($name:ident, $action:expr) => {
+        pub async fn $name(
+            State(keel): State<Arc<Keel>>,
+            caller: Caller,
+            Path(id): Path<String>,
+            Query(q): Query<KeyParams>,
+        ) -> ApiResult<(StatusCode, Json<Value>)> {
+            lifecycle(keel, caller, id, q.project, $action).await
+        }
+    };
+}
+
+lifecycle_handler!(start, "start");
+lifecycle_handler!(stop, "stop");
+lifecycle_handler!(force_off, "force-off");
+lifecycle_handler!(reboot, "reboot");
+lifecycle_handler!(pause, "pause");
+lifecycle_handler!(resume, "resume");
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVm {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    restart_policy: Option<RestartPolicy>,
+}
+
+pub async fn update(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+    Body(req): Body<UpdateVm>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if let Some(name) = &req.name {
+        if !valid_name(name) {
+            return Err(ApiError::bad_request(format!(
+                "VM name {name:?} is invalid"
+            )));
+        }
+        if *name != vm.name && name_taken(&keel, &vm.project, name) {
+            return Err(ApiError::conflict(format!(
+                "Project {} already has a VM named {name}",
+                vm.project
+            )));
+        }
+    }
+    if req.description.as_ref().is_some_and(|d| d.len() > 4096) {
+        return Err(ApiError::bad_request(
+            "description is longer than 4096 bytes",
+        ));
+    }
+    let updated = keel
+        .vms
+        .update::<StoreError>(&vm.id, |v| {
+            if let Some(name) = req.name {
+                v.name = name;
+            }
+            if let Some(d) = req.description {
+                v.description = d;
+            }
+            if let Some(p) = req.restart_policy {
+                v.restart_policy = p;
+            }
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The VM was deleted"))?;
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        "vm.update",
+        &vm.id,
+        caller.name(),
+        |_| async { Ok(()) },
+    )?;
+    Ok(accepted(&op, "vm", vm_view(&updated)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resize {
+    #[serde(default)]
+    flavor: Option<String>,
+    #[serde(default)]
+    vcpus: Option<u8>,
+    #[serde(default)]
+    memory_mib: Option<u64>,
+}
+
+pub async fn resize(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+    Body(req): Body<Resize>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    require_live(&vm)?;
+    let (mut vcpus, mut memory_mib) = (vm.vcpus, vm.memory_mib);
+    if let Some(f) = &req.flavor {
+        let flavor = keel
+            .flavors
+            .get(f)
+            .ok_or_else(|| ApiError::bad_request(format!("No flavor {f}")))?;
+        (vcpus, memory_mib) = (flavor.vcpus, flavor.memory_mib);
+    }
+    vcpus = req.vcpus.unwrap_or(vcpus);
+    memory_mib = req.memory_mib.unwrap_or(memory_mib);
+    check_shape(vcpus, memory_mib)?;
+    check_fits_host(vcpus, memory_mib)?;
+    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
+    let hot = running && agent::hot_resizable(&vm, vcpus, memory_mib);
+    let flavor = req.flavor.clone();
+    let updated = keel
+        .vms
+        .update::<StoreError>(&vm.id, |v| {
+            if let Some(f) = flavor {
+                v.flavor = f;
+            }
+            if running && !hot {
+                v.pending_vcpus = Some(vcpus);
+                v.pending_memory_mib = Some(memory_mib);
+            } else if !running {
+                v.vcpus = vcpus;
+                v.memory_mib = memory_mib;
+            }
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The VM was deleted"))?;
+    let k = keel.clone();
+    let id = vm.id.clone();
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        "vm.resize",
+        &vm.id,
+        caller.name(),
+        move |_| async move {
+            if hot {
+                agent::resize(&k, &id, vcpus, memory_mib).await
+            } else {
+                Ok(())
+            }
+        },
+    )?;
+    let mut body = vm_view(&updated);
+    body["resize"] = json!(if hot {
+        "live"
+    } else if running {
+        "at next boot"
+    } else {
+        "done"
+    });
+    Ok(accepted(&op, "vm", body))
+}
+
+pub async fn remove(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if vm.status == VmStatus::Creating {
+        return Err(ApiError::conflict(format!(
+            "VM {} is still being created",
+            vm.name
+        )));
+    }
+    let purge = q.purge;
+    let k = keel.clone();
+    let id = vm.id.clone();
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        if purge { "vm.purge" } else { "vm.delete" },
+        &vm.id,
+        caller.name(),
+        move |_| async move {
+            agent::stop(&k, &id, false).await?;
+            if purge {
+                purge_vm(&k, &id)
+            } else {
+                agent::set_vm(&k, &id, |vm| vm.deleted_at = Some(now()));
+                Ok(())
+            }
+        },
+    )?;
+    Ok(accepted(&op, "vm", vm_view(&vm)))
+}
+
+/// Deletes a stopped VM for good: its system disk and files go; its data
+/// disks are detached and kept.
+fn purge_vm(keel: &Keel, id: &str) -> Result<(), String> {
+    let vm = keel.vms.get(id).ok_or("The VM is gone")?;
+    if vm.vmm.as_ref().is_some_and(agent::process::alive) {
+        return Err("The VM is still running".into());
+    }
+    for disk in &vm.disks {
+        let _ = keel.disks.update::<StoreError>(disk, |d| {
+            d.vm = None;
+            d.status = DiskStatus::Available;
+            Ok(())
+        });
+    }
+    let _ = std::fs::remove_file(keel.paths.disk(&vm.system_disk));
+    keel.disks
+        .remove(&vm.system_disk)
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(keel.paths.vm_dir(id));
+    keel.vms.remove(id).map_err(|e| e.to_string())?;
+    keel.event(id, "purged", "");
+    Ok(())
+}
+
+pub async fn restore(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if vm.deleted_at.is_none() {
+        return Err(ApiError::conflict(format!(
+            "VM {} is not in the recycle bin",
+            vm.name
+        )));
+    }
+    if name_taken(&keel, &vm.project, &vm.name) {
+        return Err(ApiError::conflict(format!(
+            "Another VM is named {} now; rename it first",
+            vm.name
+        )));
+    }
+    let restored = keel
+        .vms
+        .update::<StoreError>(&vm.id, |v| {
+            v.deleted_at = None;
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The VM was purged"))?;
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        "vm.restore",
+        &vm.id,
+        caller.name(),
+        |_| async { Ok(()) },
+    )?;
+    Ok(accepted(&op, "vm", vm_view(&restored)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    action: String,
+    vms: Vec<String>,
+    #[serde(default)]
+    project: Option<String>,
+}
+
+pub async fn batch(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Body(req): Body<Batch>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    if !matches!(
+        req.action.as_str(),
+        "start" | "stop" | "force-off" | "delete"
+    ) {
+        return Err(ApiError::bad_request(format!(
+            "action {:?}: expected start, stop, force-off or delete",
+            req.action
+        )));
+    }
+    if req.vms.is_empty() || req.vms.len() > 1000 {
+        return Err(ApiError::bad_request("vms: give 1 to 1000 VMs"));
+    }
+    let mut results = Vec::new();
+    for key in req.vms {
+        let outcome = if req.action == "delete" {
+            remove(
+                State(keel.clone()),
+                caller.clone(),
+                Path(key.clone()),
+                Query(KeyParams {
+                    project: req.project.clone(),
+                    purge: false,
+                }),
+            )
+            .await
+        } else {
+            let action = match req.action.as_str() {
+                "start" => "start",
+                "stop" => "stop",
+                _ => "force-off",
+            };
+            lifecycle(
+                keel.clone(),
+                caller.clone(),
+                key.clone(),
+                req.project.clone(),
+                action,
+            )
+            .await
+        };
+        results.push(match outcome {
+            Ok((_, Json(body))) => json!({"vm": key, "operation": body["operation"]}),
+            Err(e) => json!({"vm": key, "status": e.status.as_u16(), "error": e.message}),
+        });
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({ "results": results }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MakeImage {
+    name: String,
+}
+
+pub async fn make_image(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<KeyParams>,
+    Body(req): Body<MakeImage>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if vm.status != VmStatus::Stopped || vm.vmm.is_some() {
+        return Err(ApiError::conflict(format!(
+            "VM {} is {:?}; stop it first so its disk is consistent",
+            vm.name, vm.status
+        )));
+    }
+    super::images::check_new_name(&keel, &vm.project, &req.name)?;
+    let source = keel
+        .images
+        .get(&vm.image)
+        .ok_or_else(|| ApiError::conflict("The VM's image is gone: its boot files with it"))?;
+    let disk = keel
+        .disks
+        .get(&vm.system_disk)
+        .ok_or_else(|| ApiError::internal("The VM's system disk record is missing"))?;
+    let image = keel.images.insert(Image {
+        id: new_id("img"),
+        project: vm.project.clone(),
+        name: req.name,
+        source_format: crate::model::ImageFormat::Raw,
+        status: ImageStatus::Importing,
+        status_reason: String::new(),
+        size: disk.size,
+        progress: 0,
+        sha256: String::new(),
+        os_type: source.os_type.clone(),
+        os_version: source.os_version.clone(),
+        default_flavor: source.default_flavor.clone(),
+        min_disk_gib: disk.size.div_ceil(GIB),
+        boot: source.boot.clone(),
+        shared_with: vec![],
+        created_at: now(),
+    })?;
+    let k = keel.clone();
+    let (image_id, source_id, disk_id) = (image.id.clone(), source.id.clone(), disk.id.clone());
+    let op = operations::start(
+        &keel,
+        &vm.project,
+        "image.from-vm",
+        &image.id,
+        caller.name(),
+        move |op| async move {
+            let result = async {
+                for what in ["kernel", "initramfs"] {
+                    let from = k.paths.image_file(&source_id, what);
+                    if from.exists() {
+                        std::fs::copy(&from, k.paths.image_file(&image_id, what))
+                            .map_err(|e| format!("Cannot copy the {what}: {e}"))?;
+                    }
+                }
+                super::images::import_from_path(
+                    k.clone(),
+                    image_id.clone(),
+                    k.paths.disk(&disk_id),
+                    None,
+                    op,
+                )
+                .await
+            }
+            .await;
+            if let Err(e) = &result {
+                let _ = k.images.update::<StoreError>(&image_id, |img| {
+                    img.status = ImageStatus::Error;
+                    img.status_reason = e.clone();
+                    Ok(())
+                });
+            }
+            result
+        },
+    )?;
+    Ok(accepted(&op, "image", json!(*image)))
+}
+
+#[derive(Deserialize)]
+pub struct EventParams {
+    #[serde(default)]
+    project: Option<String>,
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    limit: usize,
+}
+
+pub async fn events(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<EventParams>,
+) -> ApiResult<Json<Value>> {
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
+    let entries = keel.store.read(
+        Log::Event,
+        &LogQuery {
+            subject: Some(vm.id.clone()),
+            after: q.after,
+            limit: if q.limit == 0 {
+                1000
+            } else {
+                q.limit.min(10_000)
+            },
+        },
+    )?;
+    let out: Vec<Value> = entries
+        .into_iter()
+        .map(|e| {
+            let mut b = e.body;
+            b["seq"] = json!(e.seq);
+            b
+        })
+        .collect();
+    Ok(Json(json!(out)))
+}
