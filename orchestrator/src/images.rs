@@ -13,7 +13,7 @@ use futures_util::{Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::keel::Keel;
 use crate::model::{Image, ImageFormat, ImageStatus};
@@ -57,10 +57,18 @@ impl Sink {
         image: &str,
         op: Option<&Progress>,
     ) -> Result<(), String> {
-        self.file
-            .write_all(chunk)
-            .await
-            .map_err(|e| format!("Cannot write the image: {e}"))?;
+        // Zeros become holes: a mostly empty disk image stays sparse.
+        if chunk.iter().all(|&b| b == 0) {
+            self.file
+                .seek(std::io::SeekFrom::Current(chunk.len() as i64))
+                .await
+                .map_err(|e| format!("Cannot write the image: {e}"))?;
+        } else {
+            self.file
+                .write_all(chunk)
+                .await
+                .map_err(|e| format!("Cannot write the image: {e}"))?;
+        }
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
         if let Some(total) = self.total.filter(|t| *t > 0) {
@@ -78,6 +86,10 @@ impl Sink {
     }
 
     async fn finish(self) -> Result<(u64, String), String> {
+        self.file
+            .set_len(self.written)
+            .await
+            .map_err(|e| format!("Cannot write the image: {e}"))?;
         self.file
             .sync_all()
             .await

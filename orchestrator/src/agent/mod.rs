@@ -303,6 +303,7 @@ pub async fn stop(keel: &Arc<Keel>, id: &str, force: bool) -> Result<(), String>
         })
         .await;
         if pressed.is_ok() && wait_exit(&vmm, keel.config.stop_timeout).await {
+            wait_recorded(keel, id).await;
             return Ok(());
         }
         keel.event(
@@ -318,7 +319,19 @@ pub async fn stop(keel: &Arc<Keel>, id: &str, force: bool) -> Result<(), String>
         unsafe { libc::kill(vmm.pid, libc::SIGKILL) };
         wait_exit(&vmm, Duration::from_secs(5)).await;
     }
+    wait_recorded(keel, id).await;
     Ok(())
+}
+
+/// Waits for the monitor to record the end of the VM's VMM, so that a stop
+/// that returns leaves the VM `stopped`, not still `stopping`.
+async fn wait_recorded(keel: &Keel, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while keel.vms.get(id).is_some_and(|vm| vm.vmm.is_some())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits for the process to end (the monitor records how).

@@ -187,11 +187,13 @@ mod tests {
         assert_eq!(start_ticks(me), Some(t));
         assert!(alive(&VmmProcess {
             pid: me,
-            start_ticks: t
+            start_ticks: t,
+            ..Default::default()
         }));
         assert!(!alive(&VmmProcess {
             pid: me,
-            start_ticks: t + 1
+            start_ticks: t + 1,
+            ..Default::default()
         }));
         assert_eq!(start_ticks(i32::MAX), None);
     }

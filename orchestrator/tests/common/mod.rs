@@ -1,0 +1,266 @@
+//! A keeld of its own for each test: a fresh data dir, a free port, the
+//! freestanding test guest as the image's kernel (it runs on this host's
+//! KVM), and clean-up of every keel-vmm it started.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_api::keeld_client::{KeeldClient, Reply};
+use serde_json::{Value, json};
+
+pub fn keel_vmm() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEEL_VMM") {
+        return PathBuf::from(p);
+    }
+    let keeld = Path::new(env!("CARGO_BIN_EXE_keeld"));
+    let beside = keeld.with_file_name("keel-vmm");
+    if beside.exists() {
+        return beside;
+    }
+    let release = keeld
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|t| t.join("release").join("keel-vmm"))
+        .unwrap_or_default();
+    assert!(
+        release.exists(),
+        "keel-vmm is not built: run `cargo build --bins` (or set KEEL_VMM)"
+    );
+    release
+}
+
+pub struct Keeld {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub child: Option<Child>,
+    pub admin: KeeldClient,
+    pub extra_args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Keeld {
+    pub fn start(name: &str) -> Keeld {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Keeld {
+        let dir = std::env::temp_dir().join(format!("keeld-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut k = Keeld {
+            dir,
+            port: free_port(),
+            child: None,
+            admin: KeeldClient::new("http://127.0.0.1:1").unwrap(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let out = k.spawn();
+        assert!(out.contains("created user admin"), "first start: {out}");
+        let password = std::fs::read_to_string(k.dir.join("data/initial-admin-password"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert!(out.contains(&password), "the password is printed once");
+        let mut admin = k.client();
+        admin.login("admin", &password).unwrap();
+        k.admin = admin;
+        k
+    }
+
+    /// Starts the keeld process and waits until it serves; returns what it
+    /// printed up to then.
+    pub fn spawn(&mut self) -> String {
+        let log = self.dir.join("keeld.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
+        let child = Command::new(env!("CARGO_BIN_EXE_keeld"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--vmm")
+            .arg(keel_vmm())
+            .args(["--stop-timeout", "2", "--cpu-overcommit", "16", "-v"])
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("run keeld");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text[before.min(text.len())..].contains("keeld: serving") {
+                return text[before..].to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "keeld did not start: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self) -> KeeldClient {
+        KeeldClient::new(&format!("http://127.0.0.1:{}", self.port)).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("keeld.log")).unwrap_or_default()
+    }
+
+    /// An image whose "kernel" is the freestanding guest, ticking forever.
+    pub fn tiny_image(&self, name: &str) -> Value {
+        self.image_with(name, "keel.mode=tick")
+    }
+
+    pub fn image_with(&self, name: &str, cmdline: &str) -> Value {
+        let disk = self.dir.join(format!("{name}.raw"));
+        std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+        let reply = self
+            .admin
+            .post(
+                "/api/v1/images",
+                &json!({
+                    "name": name,
+                    "source": {"path": disk},
+                    "boot": {
+                        "kernel_path": keel_tests::freestanding::guest_elf(),
+                        "cmdline": cmdline,
+                    },
+                }),
+            )
+            .unwrap();
+        wait_op(&self.admin, &reply);
+        self.admin.get(&format!("/api/v1/images/{name}")).unwrap()
+    }
+
+    pub fn create_vm(&self, client: &KeeldClient, body: Value) -> Value {
+        let reply = client.post("/api/v1/vms", &body).unwrap();
+        wait_op(client, &reply);
+        client
+            .get(&format!(
+                "/api/v1/vms/{}",
+                reply["vm"]["id"].as_str().unwrap()
+            ))
+            .unwrap()
+    }
+
+    pub fn vm(&self, id: &str) -> Value {
+        self.admin.get(&format!("/api/v1/vms/{id}")).unwrap()
+    }
+
+    /// Waits for a VM's status.
+    pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let start = Instant::now();
+        loop {
+            let vm = self.vm(id);
+            if vm["status"] == status {
+                return vm;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "VM {id} is {} ({}), not {status}",
+                vm["status"],
+                vm["status_reason"]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn serial(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("data/vms/{vm}/serial.log")))
+            .unwrap_or_default()
+    }
+
+    /// The keel-vmm processes serving this keeld's VMs.
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        let data = self.dir.join("data").display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'));
+            let cmd = String::from_utf8_lossy(&cmd);
+            let argv0 = cmd.split('\0').next().unwrap_or("");
+            if !zombie && argv0.ends_with("keel-vmm") && cmd.contains(&data) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Keeld {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.vmm_pids() {
+            // SAFETY: kill only sends a signal to this test's own VMMs.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Waits for the operation in a 202 answer; panics with its error if it
+/// failed.
+pub fn wait_op(client: &KeeldClient, reply: &Value) -> Value {
+    let id = reply["operation"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no operation in {reply}"));
+    client
+        .wait_operation(id, Duration::from_secs(120), |_| {})
+        .unwrap_or_else(|e| panic!("operation {id}: {e}"))
+}
+
+/// Waits for an operation and returns it whatever its outcome.
+pub fn op_outcome(client: &KeeldClient, reply: &Value) -> Value {
+    let id = reply["operation"]["id"].as_str().unwrap();
+    let start = Instant::now();
+    loop {
+        let op = client
+            .get(&format!("/api/v1/operations/{id}?wait=1"))
+            .unwrap();
+        if op["status"] != "running" || start.elapsed() > Duration::from_secs(120) {
+            return op;
+        }
+    }
+}
+
+pub fn send(client: &KeeldClient, method: &str, path: &str, body: Option<Value>) -> Reply {
+    client.send(method, path, body.as_ref(), &[]).unwrap()
+}
+
+pub fn ticks(serial: &str) -> usize {
+    serial.lines().filter(|l| l.contains("TICK")).count()
+}
