@@ -382,7 +382,7 @@ pub fn hot_resizable(vm: &Vm, vcpus: u8, memory_mib: u64) -> bool {
     vcpus <= vmm.max_vcpus
         && memory_mib >= vm.memory_mib
         && memory_mib <= vmm.max_memory_mib
-        && (memory_mib - vm.memory_mib) % block_mib == 0
+        && (memory_mib - vm.memory_mib).is_multiple_of(block_mib)
 }
 
 pub async fn resize(keel: &Arc<Keel>, id: &str, vcpus: u8, memory_mib: u64) -> Result<(), String> {

@@ -115,19 +115,16 @@ impl Caller {
     }
 }
 
-/// Looks a resource up by id, or by name within `project`; hides what the
-/// caller cannot see and refuses what they may not do.
-fn find<T>(
+/// Checks what the caller may do with a resource found by id (or by name
+/// within a project); hides what they cannot see.
+fn visible<T>(
     caller: &Caller,
+    found: Option<Arc<T>>,
+    project_of: impl Fn(&T) -> &str,
+    access: Access,
     what: &str,
     key: &str,
-    project: Option<&str>,
-    access: Access,
-    by_id: impl Fn(&str) -> Option<Arc<T>>,
-    by_name: impl Fn(&str, &str) -> Option<Arc<T>>,
-    project_of: impl Fn(&T) -> &str,
 ) -> ApiResult<Arc<T>> {
-    let found = by_id(key).or_else(|| by_name(project.unwrap_or(DEFAULT_PROJECT), key));
     match found {
         Some(item) if caller.sees(project_of(&item)) => {
             caller.require(project_of(&item), access)?;
@@ -144,20 +141,14 @@ pub fn find_vm(
     project: Option<&str>,
     access: Access,
 ) -> ApiResult<Arc<Vm>> {
-    find(
-        caller,
-        "VM",
-        key,
-        project,
-        access,
-        |id| keel.vms.get(id),
-        |p, name| {
-            keel.vms
-                .find(|vm| vm.project == p && vm.name == name && vm.deleted_at.is_none())
-                .or_else(|| keel.vms.find(|vm| vm.project == p && vm.name == name))
-        },
-        |vm| &vm.project,
-    )
+    let p = project.unwrap_or(DEFAULT_PROJECT);
+    // A live VM by that name first, then one in the recycle bin.
+    let found = keel.vms.get(key).or_else(|| {
+        keel.vms
+            .find(|vm| vm.project == p && vm.name == key && vm.deleted_at.is_none())
+            .or_else(|| keel.vms.find(|vm| vm.project == p && vm.name == key))
+    });
+    visible(caller, found, |vm| &vm.project, access, "VM", key)
 }
 
 pub fn find_disk(
@@ -167,16 +158,12 @@ pub fn find_disk(
     project: Option<&str>,
     access: Access,
 ) -> ApiResult<Arc<Disk>> {
-    find(
-        caller,
-        "disk",
-        key,
-        project,
-        access,
-        |id| keel.disks.get(id),
-        |p, name| keel.disks.find(|d| d.project == p && d.name == name),
-        |d| &d.project,
-    )
+    let p = project.unwrap_or(DEFAULT_PROJECT);
+    let found = keel
+        .disks
+        .get(key)
+        .or_else(|| keel.disks.find(|d| d.project == p && d.name == key));
+    visible(caller, found, |d| &d.project, access, "disk", key)
 }
 
 /// Images: the owner project's members, and (to read and use) members of

@@ -33,7 +33,7 @@ pub async fn list(
     let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
     let images = keel
         .images
-        .filter(|i| i.project == project || i.shared_with.iter().any(|s| *s == project));
+        .filter(|i| i.project == project || i.shared_with.contains(&project));
     Ok(Json(json!(images)))
 }
 

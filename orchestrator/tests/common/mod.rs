@@ -264,3 +264,26 @@ pub fn send(client: &KeeldClient, method: &str, path: &str, body: Option<Value>)
 pub fn ticks(serial: &str) -> usize {
     serial.lines().filter(|l| l.contains("TICK")).count()
 }
+
+/// Runs the `keel` CLI (built beside keeld) against this keeld with its own
+/// config dir; returns (status, stdout, stderr).
+pub fn keel_cli(k: &Keeld, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let keel = Path::new(env!("CARGO_BIN_EXE_keeld")).with_file_name("keel");
+    assert!(
+        keel.exists(),
+        "the keel CLI is not built: run `cargo build --bins`"
+    );
+    let out = Command::new(keel)
+        .args(args)
+        .env("XDG_CONFIG_HOME", k.dir.join("cli-config"))
+        .env("KEEL_SERVER", format!("http://127.0.0.1:{}", k.port))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keel");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,6 +1,8 @@
 //! `keel`: Keel's command line. `keel vmm --socket PATH <command>` drives one
 //! keel-vmm (or Cloud Hypervisor) through its API socket, with ch-remote's
-//! argument syntax.
+//! argument syntax; `keel login|vm|image|disk|...` drive keeld (`keeld.rs`).
+
+mod keeld;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -31,6 +33,51 @@ enum Top {
         json: bool,
         #[command(subcommand)]
         command: VmmCommand,
+    },
+    /// Log in to keeld and keep the session token (~/.config/keel).
+    Login {
+        /// User name.
+        #[arg(long, default_value = "admin")]
+        user: String,
+        #[command(flatten)]
+        common: keeld::Common,
+    },
+    /// VMs managed by keeld.
+    Vm {
+        #[command(flatten)]
+        common: keeld::Common,
+        #[command(subcommand)]
+        command: keeld::VmCommand,
+    },
+    /// Images.
+    Image {
+        #[command(flatten)]
+        common: keeld::Common,
+        #[command(subcommand)]
+        command: keeld::ImageCommand,
+    },
+    /// Disks.
+    Disk {
+        #[command(flatten)]
+        common: keeld::Common,
+        #[command(subcommand)]
+        command: keeld::DiskCommand,
+    },
+    /// Flavors.
+    Flavors {
+        #[command(flatten)]
+        common: keeld::Common,
+    },
+    /// The node: capacity, allocation, VM counts.
+    Node {
+        #[command(flatten)]
+        common: keeld::Common,
+    },
+    /// A VM's serial console, interactive (Ctrl-] quits).
+    Console {
+        vm: String,
+        #[command(flatten)]
+        common: keeld::Common,
     },
 }
 
@@ -284,16 +331,25 @@ fn run(socket: &std::path::Path, json: bool, command: VmmCommand) -> Result<(), 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Top::Vmm {
-        socket,
-        json,
-        command,
-    } = cli.command;
-    match run(&socket, json, command) {
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Top::Vmm {
+            socket,
+            json,
+            command,
+        } => run(&socket, json, command).map_err(Into::into),
+        Top::Login { user, common } => keeld::login(&common, &user).map_err(Into::into),
+        Top::Vm { common, command } => keeld::vm(&common, command).map_err(Into::into),
+        Top::Image { common, command } => keeld::image(&common, command).map_err(Into::into),
+        Top::Disk { common, command } => keeld::disk(&common, command).map_err(Into::into),
+        Top::Flavors { common } => keeld::flavors(&common).map_err(Into::into),
+        Top::Node { common } => keeld::node(&common).map_err(Into::into),
+        Top::Console { vm, common } => keeld::console(&common, &vm).map_err(Into::into),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut line = e.to_string();
-            let mut source = std::error::Error::source(&e);
+            let mut source = e.source();
             while let Some(cause) = source {
                 line.push_str(": ");
                 line.push_str(&cause.to_string());
