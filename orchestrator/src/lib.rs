@@ -7,6 +7,7 @@ pub mod auth;
 pub mod collection;
 pub mod files;
 pub mod images;
+pub mod iso9660;
 pub mod keel;
 pub mod model;
 pub mod node;

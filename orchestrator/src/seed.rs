@@ -1,10 +1,9 @@
 //! First-boot configuration for the guest: a cloud-init NoCloud seed, an
 //! ISO 9660 volume labelled `cidata` holding `meta-data` and `user-data`
-//! (what Debian's cloud images read), attached as a read-only disk. Built
-//! with genisoimage, as OpenStack builds its config drives.
+//! (what Debian's cloud images read), attached as a read-only disk, written
+//! by keeld itself ([`crate::iso9660`]).
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::model::GuestInit;
 
@@ -50,37 +49,17 @@ pub fn build(
     hostname: &str,
     init: &GuestInit,
 ) -> Result<(), String> {
-    let dir = iso.with_extension("d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("Cannot create {}: {e}", dir.display()))?;
-    let write = |name: &str, text: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("Cannot write {}: {e}", p.display()))
-    };
-    write("meta-data", meta_data(instance_id, hostname))?;
-    write("user-data", user_data(init, hostname))?;
-    let output = Command::new("genisoimage")
-        .arg("-quiet")
-        .arg("-output")
-        .arg(iso)
-        .args(["-volid", "cidata", "-joliet", "-rock"])
-        .arg(dir.join("user-data"))
-        .arg(dir.join("meta-data"))
-        .output()
-        .map_err(|e| {
-            format!(
-                "Cannot run genisoimage to build the cloud-init seed ({e}); install it \
-                 (apt-get install genisoimage)"
-            )
-        })?;
-    let _ = std::fs::remove_dir_all(&dir);
-    if !output.status.success() {
-        return Err(format!(
-            "genisoimage failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(())
+    let meta = meta_data(instance_id, hostname);
+    let user = user_data(init, hostname);
+    let image = crate::iso9660::build(
+        "cidata",
+        &[
+            ("meta-data", meta.as_bytes()),
+            ("user-data", user.as_bytes()),
+        ],
+    );
+    crate::files::write_atomic(iso, &image, 0o600)
+        .map_err(|e| format!("Cannot write the cloud-init seed {}: {e}", iso.display()))
 }
 
 #[cfg(test)]
@@ -102,8 +81,10 @@ mod tests {
         assert!(!user_data(&GuestInit::default(), "h").contains("chpasswd"));
     }
 
+    /// Read back with isoinfo (package genisoimage), an independent reader.
     #[test]
     fn seed_iso_holds_both_files_under_their_names() {
+        use std::process::Command;
         if Command::new("isoinfo").arg("--version").output().is_err() {
             panic!("isoinfo (package genisoimage) is needed for this test");
         }
@@ -125,13 +106,21 @@ mod tests {
         assert!(String::from_utf8_lossy(&label.stdout).contains("Volume id: cidata"));
         let read = |name: &str| {
             let out = Command::new("isoinfo")
-                .args(["-R", "-x", name, "-i"])
+                .args(["-J", "-x", name, "-i"])
                 .arg(&iso)
                 .output()
                 .unwrap();
             String::from_utf8(out.stdout).unwrap()
         };
         assert!(read("/user-data").contains("password: \"secret\""));
+        // What cloud-init looks for: a filesystem labelled cidata.
+        let blkid = Command::new("blkid")
+            .args(["-o", "export"])
+            .arg(&iso)
+            .output()
+            .unwrap();
+        let blkid = String::from_utf8_lossy(&blkid.stdout);
+        assert!(blkid.contains("LABEL=cidata") && blkid.contains("TYPE=iso9660"), "{blkid}");
         assert!(read("/meta-data").contains("instance-id: \"vm-1\""));
         let _ = std::fs::remove_dir_all(&dir);
     }
