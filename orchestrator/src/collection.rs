@@ -6,6 +6,7 @@
 //! etcd-backed replica later) cannot be overwritten blindly.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::model::Resource;
@@ -19,6 +20,9 @@ struct Entry<T> {
 pub struct Collection<T: Resource> {
     store: Arc<dyn Store>,
     items: RwLock<BTreeMap<String, Entry<T>>>,
+    /// Grows with every write: what was computed from the items at one
+    /// generation is still true while it has not moved.
+    generation: AtomicU64,
 }
 
 impl<T: Resource> Collection<T> {
@@ -41,6 +45,7 @@ impl<T: Resource> Collection<T> {
         Ok(Collection {
             store,
             items: RwLock::new(items),
+            generation: AtomicU64::new(1),
         })
     }
 
@@ -72,6 +77,10 @@ impl<T: Resource> Collection<T> {
             .map(|e| e.value.clone())
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     pub fn len(&self) -> usize {
         self.read().len()
     }
@@ -96,6 +105,7 @@ impl<T: Resource> Collection<T> {
                 value: value.clone(),
             },
         );
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(value)
     }
 
@@ -126,6 +136,7 @@ impl<T: Resource> Collection<T> {
                 value: value.clone(),
             },
         );
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(Some(value))
     }
 
@@ -135,6 +146,7 @@ impl<T: Resource> Collection<T> {
             return Ok(None);
         }
         self.store.delete(T::KIND, id)?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(items.remove(id).map(|e| e.value))
     }
 }

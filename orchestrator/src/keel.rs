@@ -120,6 +120,9 @@ pub struct Keel {
     pub operations: Collection<Operation>,
     pub idempotency: Collection<IdempotentReply>,
     pub agent: Agent,
+    /// Serialized VM list pages, by query, with the generation of
+    /// `vms` they were made from.
+    pub vm_list_cache: Mutex<HashMap<String, (u64, axum::body::Bytes)>>,
     /// One lock per idempotency key while its first request runs.
     pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -165,6 +168,7 @@ impl Keel {
             idempotency: Collection::load(store.clone())?,
             agent: Agent::default(),
             idempotency_locks: Mutex::new(HashMap::new()),
+            vm_list_cache: Mutex::new(HashMap::new()),
             store,
             paths,
             config,

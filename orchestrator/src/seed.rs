@@ -120,7 +120,10 @@ mod tests {
             .output()
             .unwrap();
         let blkid = String::from_utf8_lossy(&blkid.stdout);
-        assert!(blkid.contains("LABEL=cidata") && blkid.contains("TYPE=iso9660"), "{blkid}");
+        assert!(
+            blkid.contains("LABEL=cidata") && blkid.contains("TYPE=iso9660"),
+            "{blkid}"
+        );
         assert!(read("/meta-data").contains("instance-id: \"vm-1\""));
         let _ = std::fs::remove_dir_all(&dir);
     }

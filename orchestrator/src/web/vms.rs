@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use keel_api::vmm_api::Endpoint;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -96,14 +97,28 @@ pub struct ListParams {
     after: Option<String>,
 }
 
+/// Pages kept in the list cache at most (then it starts afresh).
+const LIST_CACHE_ENTRIES: usize = 256;
+
 pub async fn list(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Query(q): Query<ListParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let after = q.after.unwrap_or_default();
+    // A page depends only on the query and the VMs, never on the caller
+    // (access was checked above): serve it from the cache while no VM
+    // changed.
+    let key = format!("{project}\n{}\n{:?}\n{limit}\n{after}", q.deleted, q.status);
+    let generation = keel.vms.generation();
+    let cache = || keel.vm_list_cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((g, body)) = cache().get(&key)
+        && *g == generation
+    {
+        return Ok(json_bytes(body.clone()));
+    }
     let vms = keel.vms.filter(|vm| {
         vm.project == project
             && vm.deleted_at.is_some() == q.deleted
@@ -112,7 +127,17 @@ pub async fn list(
     });
     let page: Vec<Value> = vms.iter().take(limit).map(|vm| vm_view(vm)).collect();
     let next = (vms.len() > limit).then(|| vms[limit - 1].id.clone());
-    Ok(Json(json!({ "items": page, "next": next })))
+    let body = axum::body::Bytes::from(json!({ "items": page, "next": next }).to_string());
+    let mut cache = cache();
+    if cache.len() >= LIST_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(key, (generation, body.clone()));
+    Ok(json_bytes(body))
+}
+
+fn json_bytes(body: axum::body::Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[derive(Deserialize)]
