@@ -19,6 +19,9 @@ use crate::model::{IdempotentReply, now};
 pub const HEADER: &str = "idempotency-key";
 /// Answers kept for replay are at most this large.
 const MAX_BODY: usize = 1 << 20;
+/// Keys are remembered this long (a client retrying after a day is making
+/// a new request).
+const KEEP_SECS: u64 = 24 * 3600;
 
 pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> Response {
     let mutating = matches!(
@@ -79,6 +82,10 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
             body: String::from_utf8_lossy(&bytes).into_owned(),
             created_at: now(),
         };
+        let cutoff = now().saturating_sub(KEEP_SECS);
+        for old in keel.idempotency.filter(|r| r.created_at < cutoff) {
+            let _ = keel.idempotency.remove(&old.id);
+        }
         if let Err(e) = keel.idempotency.insert(reply) {
             log::error!("Cannot keep the answer for Idempotency-Key {key:?}: {e}");
         }
