@@ -369,6 +369,7 @@ async fn finish(
             Ok(())
         })
         .map_err(|e| e.to_string())?;
+    crate::spares::ensure(keel, id);
     Ok(())
 }
 

@@ -120,6 +120,7 @@ pub struct Keel {
     pub operations: Collection<Operation>,
     pub idempotency: Collection<IdempotentReply>,
     pub agent: Agent,
+    pub spares: crate::spares::Spares,
     /// Serialized VM list pages, by query, with the generation of
     /// `vms` they were made from.
     pub vm_list_cache: Mutex<HashMap<String, (u64, axum::body::Bytes)>>,
@@ -167,6 +168,7 @@ impl Keel {
             operations: Collection::load(store.clone())?,
             idempotency: Collection::load(store.clone())?,
             agent: Agent::default(),
+            spares: Default::default(),
             idempotency_locks: Mutex::new(HashMap::new()),
             vm_list_cache: Mutex::new(HashMap::new()),
             store,

@@ -13,6 +13,7 @@ pub mod model;
 pub mod node;
 pub mod operations;
 pub mod seed;
+pub mod spares;
 pub mod store;
 pub mod web;
 

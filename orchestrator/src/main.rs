@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use keel_orchestrator::{Config, Keel, agent, operations, web};
+use keel_orchestrator::model::ImageStatus;
+use keel_orchestrator::{Config, Keel, agent, operations, spares, web};
 
 #[derive(Parser)]
 #[command(name = "keeld", version, about = "Keel's orchestrator")]
@@ -119,6 +120,9 @@ fn main() -> ExitCode {
         };
         operations::fail_interrupted(&keel);
         agent::recover(&keel).await;
+        for image in keel.images.filter(|i| i.status == ImageStatus::Ready) {
+            spares::ensure(&keel, &image.id);
+        }
         println!(
             "keeld: serving http://{listen}/api/v1 (data in {})",
             keel.data_dir().display()

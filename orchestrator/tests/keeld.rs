@@ -32,6 +32,25 @@ fn vm_lifecycle_create_pause_stop_start_delete_restore_purge() {
         "the password is never shown"
     );
     assert!(!k.vmm_pids().is_empty());
+    // The system disk is the image's bytes (from the spare copy made when
+    // the image became ready), grown to a whole GiB; a new spare follows.
+    let sys = std::fs::read(k.dir.join(format!(
+        "data/disks/{}.raw",
+        vm["system_disk"].as_str().unwrap()
+    )))
+    .unwrap();
+    assert_eq!(sys.len(), 1 << 30);
+    assert!(sys[..1 << 20].iter().all(|&b| b == 0x5a) && sys[1 << 20..].iter().all(|&b| b == 0));
+    drop(sys);
+    let spare = k.dir.join(format!(
+        "data/images/{}.spare",
+        image["id"].as_str().unwrap()
+    ));
+    let start = Instant::now();
+    while !spare.exists() {
+        assert!(start.elapsed() < BOOT, "no new spare disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let start = Instant::now();
     while ticks(&k.serial(&id)) < 3 {
         assert!(start.elapsed() < BOOT, "no TICKs on the serial console");

@@ -94,7 +94,10 @@ pub async fn login(
     };
     // Sessions that ended are forgotten as new ones begin.
     let now = now();
-    for old in keel.tokens.filter(|t| t.expires_at != 0 && t.expires_at <= now) {
+    for old in keel
+        .tokens
+        .filter(|t| t.expires_at != 0 && t.expires_at <= now)
+    {
         let _ = keel.tokens.remove(&old.id);
     }
     let ttl = keel.config.session_ttl.as_secs().max(1);

@@ -334,6 +334,7 @@ pub async fn remove(
     if image.status == ImageStatus::Importing && image.status_reason == "uploading" {
         return Err(ApiError::conflict("The image is being uploaded"));
     }
+    crate::spares::remove(&keel, &image.id);
     for what in ["raw", "partial", "converting", "kernel", "initramfs"] {
         let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
     }

@@ -421,17 +421,15 @@ async fn provision(
     let from = keel.paths.image_disk(&image.id);
     let to = keel.paths.disk(&system.id);
     let size = system.size;
+    let spare = crate::spares::take(keel, &image.id, &to);
     let progress = op.clone();
     tokio::task::spawn_blocking(move || {
-        let mut last = 0;
-        files::thin_copy(&from, &to, |done, total| {
-            let percent = (done * 80 / total.max(1)) as u8;
-            if percent != last {
-                last = percent;
-                progress.set(percent);
-            }
-        })
-        .map_err(|e| e.to_string())?;
+        if !spare {
+            files::thin_copy(&from, &to, |done, total| {
+                progress.set((done * 80 / total.max(1)) as u8)
+            })
+            .map_err(|e| e.to_string())?;
+        }
         if size > std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0) {
             files::grow(&to, size).map_err(|e| e.to_string())?;
         }
