@@ -80,19 +80,23 @@ keel vm force-off d1 >/dev/null
 keel vm delete d1 && mark DELETED $(keel vm list | grep -c '^d1 ')
 keel vm restore d1 && mark RESTORED $(keel vm list | grep -c '^d1 ')
 
-# Import over http from a server in L1.
+# Import over http from a server in L1: the freestanding guest, halted once
+# booted (guests that spin would share L1's two emulated CPUs with keeld).
 mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/small.raw bs=1M count=2 2>/dev/null
 sum=$(sha256sum /tmp/www/small.raw | cut -d' ' -f1)
 busybox httpd -p 127.0.0.1:8000 -h /tmp/www
 keel image import web --url http://127.0.0.1:8000/small.raw --sha256 $sum \
-	--kernel /keel/guest/freestanding/keel-test-guest.elf --cmdline keel.mode=tick >/dev/null && mark HTTP-IMAGE-OK
+	--kernel /keel/guest/freestanding/keel-test-guest.elf --cmdline keel.mode=halt >/dev/null && mark HTTP-IMAGE-OK
 
-# 10 VMs created in parallel.
+# 10 VMs created in parallel (only these are waited for: keeld and httpd
+# are children of this shell too).
 t2=$(ms)
+pids=
 for i in 0 1 2 3 4 5 6 7 8 9; do
 	keel vm create p$i --image web --vcpus 1 --memory 64 >/dev/null 2>&1 &
+	pids="$pids $!"
 done
-wait
+wait $pids
 mark PARALLEL-RUNNING $(keel vm list | grep -c '^p[0-9] .*running') $(($(ms) - t2))
 kill %1 2>/dev/null
 mark DONE
