@@ -664,6 +664,42 @@ fn vmm_killed_by_hand_is_an_error_with_a_reason_and_the_policy_decides() {
 }
 
 #[test]
+fn vmm_that_dies_at_start_is_an_error_with_its_last_words() {
+    let dir = std::env::temp_dir().join(format!("keeld-test-dying-vmm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vmm = dir.join("dying-vmm");
+    std::fs::write(
+        &vmm,
+        "#!/bin/sh\necho 'keel-vmm: --memory: not enough host memory' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let k = Keeld::start_with_vmm("badvmm", &[], vmm);
+    k.tiny_image("tiny");
+    let started = Instant::now();
+    let reply = k
+        .admin
+        .post(
+            "/api/v1/vms",
+            &json!({"name": "doomed", "image": "tiny", "vcpus": 1, "memory_mib": 64, "restart_policy": "never"}),
+        )
+        .unwrap();
+    let id = reply["vm"]["id"].as_str().unwrap().to_string();
+    let _ = op_outcome(&k.admin, &reply);
+    let vm = k.wait_status(&id, "error", BOOT);
+    // Known at once from the closed socket, not after the start timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let reason = vm["status_reason"].as_str().unwrap();
+    assert!(reason.contains("keel-vmm exited at start"), "{vm}");
+    assert!(reason.contains("not enough host memory"), "{vm}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn ten_vms_created_in_parallel_all_run() {
     let k = Keeld::start("parallel");
     k.tiny_image("tiny");

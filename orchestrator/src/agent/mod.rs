@@ -23,7 +23,7 @@ use process::VmFiles;
 
 /// How long an API call to a VMM may take.
 const VMM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new keel-vmm may take to open its socket.
+/// How long a new keel-vmm may take to start serving its API.
 const VMM_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest may take to let go of a hot-unplugged disk.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -249,16 +249,23 @@ async fn boot(keel: &Arc<Keel>, vm: &Vm) -> Result<(), String> {
         });
     });
     keel.event(&vm.id, "starting", &format!("keel-vmm pid {pid}"));
-    let booted = async {
-        process::wait_for_socket(&files.socket(), &mut child, VMM_START_TIMEOUT).await?;
-        process::with_client(files.socket(), VMM_CALL_TIMEOUT, move |c| {
+    // The first request waits in the socket's backlog while keel-vmm starts.
+    let booted = process::with_client(
+        files.socket(),
+        VMM_START_TIMEOUT + VMM_CALL_TIMEOUT,
+        move |c| {
             c.create(&config)?;
             c.action(Endpoint::VmBoot)
-        })
-        .await
-    }
+        },
+    )
     .await;
     if let Err(e) = booted {
+        // A VMM that reset the connection is on its way out: its socket
+        // closes a moment before it can be reaped.
+        let e = match process::exited_within(&mut child, Duration::from_millis(500)).await {
+            Some(status) => format!("keel-vmm exited at start ({status})"),
+            None => e,
+        };
         let _ = child.kill();
         let _ = child.wait();
         let words = process::last_words(&files);

@@ -9,7 +9,9 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -65,6 +67,9 @@ fn mkfifo(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The descriptor keel-vmm gets its API socket on.
+const API_SOCKET_FD: i32 = 3;
+
 /// Starts keel-vmm for a VM (empty: the VM comes with `vm.create`). Returns
 /// the child, already in its own process group.
 pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, String> {
@@ -89,16 +94,39 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
     };
     let serial = append(files.serial())?;
     let log = append(files.log())?;
+    // keeld binds the API socket and hands it over (`fd=`): its first
+    // request can go at once and waits in the backlog until the VMM serves
+    // it, with no polling for the socket to appear. keeld's copy closes
+    // when this returns, so a VMM that dies at start resets that request.
+    let listener =
+        UnixListener::bind(files.socket()).map_err(|e| io_err("bind", &files.socket(), e))?;
+    let listener_fd = listener.as_raw_fd();
     let mut command = std::process::Command::new(binary);
     command
         .arg("--api-socket")
-        .arg(format!("path={}", files.socket().display()))
+        .arg(format!("fd={API_SOCKET_FD}"))
         .arg("--event-monitor")
         .arg(format!("path={}", files.events().display()))
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(serial))
         .stderr(Stdio::from(log))
         .process_group(0);
+    // SAFETY: runs in the child between fork and exec, calling only
+    // async-signal-safe functions on descriptors the child owns.
+    unsafe {
+        command.pre_exec(move || {
+            let moved = if listener_fd == API_SOCKET_FD {
+                // dup2 onto itself would leave close-on-exec set.
+                libc::fcntl(listener_fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(listener_fd, API_SOCKET_FD)
+            };
+            if moved < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     command
         .spawn()
         .map_err(|e| format!("Cannot run {}: {e}", binary.display()))
@@ -117,6 +145,23 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+/// The child's exit status, if it exits within `grace`.
+pub async fn exited_within(
+    child: &mut std::process::Child,
+    grace: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Whether the recorded process is still the VM's keel-vmm.
@@ -150,30 +195,6 @@ pub async fn with_client<T: Send + 'static>(
     })
     .await
     .map_err(|e| format!("The VMM call panicked: {e}"))?
-}
-
-/// Waits for the API socket to accept connections.
-pub async fn wait_for_socket(
-    socket: &Path,
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("keel-vmm exited at start ({status})"));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "keel-vmm did not open its API socket {} within {timeout:?}",
-                socket.display()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[cfg(test)]

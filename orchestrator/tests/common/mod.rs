@@ -38,6 +38,8 @@ pub struct Keeld {
     pub child: Option<Child>,
     pub admin: KeeldClient,
     pub extra_args: Vec<String>,
+    /// The VMM binary keeld runs (keel-vmm unless a test says otherwise).
+    pub vmm: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -53,6 +55,10 @@ impl Keeld {
     }
 
     pub fn start_with(name: &str, extra: &[&str]) -> Keeld {
+        Self::start_with_vmm(name, extra, keel_vmm())
+    }
+
+    pub fn start_with_vmm(name: &str, extra: &[&str], vmm: PathBuf) -> Keeld {
         let dir = std::env::temp_dir().join(format!("keeld-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -62,6 +68,7 @@ impl Keeld {
             child: None,
             admin: KeeldClient::new("http://127.0.0.1:1").unwrap(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            vmm,
         };
         let out = k.spawn();
         assert!(out.contains("created user admin"), "first start: {out}");
@@ -93,7 +100,7 @@ impl Keeld {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--vmm")
-            .arg(keel_vmm())
+            .arg(&self.vmm)
             .args(["--stop-timeout", "2", "--cpu-overcommit", "16", "-v"])
             .args(&self.extra_args)
             .stdin(Stdio::null())
