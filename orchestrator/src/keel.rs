@@ -30,6 +30,9 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// How long a login session lasts.
     pub session_ttl: Duration,
+    /// Serial output kept per VM file before `serial.log` is rotated to
+    /// `serial.log.1` (so at most twice this on disk per VM).
+    pub serial_log_max: u64,
 }
 
 impl Config {
@@ -40,6 +43,7 @@ impl Config {
             cpu_overcommit: 4.0,
             stop_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(12 * 3600),
+            serial_log_max: 8 << 20,
         }
     }
 }

@@ -35,6 +35,10 @@ enum Command {
         /// Seconds `stop` waits for the guest after the power button.
         #[arg(long, default_value_t = 60)]
         stop_timeout: u64,
+        /// MiB of serial output kept per VM file; past it `serial.log`
+        /// moves to `serial.log.1` (so at most twice this per VM).
+        #[arg(long, default_value_t = 8)]
+        serial_log_max_mib: u64,
         /// Log more (-v info, -vv debug).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
                 vmm,
                 cpu_overcommit,
                 stop_timeout,
+                serial_log_max_mib,
                 verbose,
             },
     } = Cli::parse();
@@ -85,6 +90,11 @@ fn main() -> ExitCode {
     }
     config.cpu_overcommit = cpu_overcommit;
     config.stop_timeout = Duration::from_secs(stop_timeout);
+    if !(1..=4096).contains(&serial_log_max_mib) {
+        eprintln!("keeld: --serial-log-max-mib must be 1 to 4096");
+        return ExitCode::from(1);
+    }
+    config.serial_log_max = serial_log_max_mib << 20;
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -700,6 +700,63 @@ fn vmm_that_dies_at_start_is_an_error_with_its_last_words() {
 }
 
 #[test]
+fn serial_log_is_rotated_and_read_across_the_rotation() {
+    let k = Keeld::start_with("serialrot", &["--serial-log-max-mib", "1"]);
+    k.tiny_image("tiny");
+    let vm = k.create_vm(
+        &k.admin,
+        json!({"name": "chatty", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
+    );
+    let id = vm["id"].as_str().unwrap();
+    let start = Instant::now();
+    while ticks(&k.serial(id)) < 1 {
+        assert!(start.elapsed() < BOOT, "no TICK: {}", k.serial(id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A burst of output past the 1 MiB limit, as a chatty guest would write.
+    let dir = k.dir.join(format!("data/vms/{id}"));
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("serial.log"))
+        .unwrap();
+    log.write_all(b"MARK-OLD\n").unwrap();
+    log.write_all(&b"burst of serial output\n".repeat(70_000))
+        .unwrap();
+    log.write_all(b"MARK-END\n").unwrap();
+    drop(log);
+    let start = Instant::now();
+    while !dir.join("serial.log.1").exists() {
+        assert!(start.elapsed() < BOOT, "serial.log was not rotated");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let old = std::fs::read_to_string(dir.join("serial.log.1")).unwrap();
+    assert!(old.contains("MARK-OLD\n") && old.contains("MARK-END\n"));
+    // keel-vmm goes on writing at the start of the emptied file.
+    let start = Instant::now();
+    while ticks(&k.serial(id)) < 1 {
+        assert!(start.elapsed() < BOOT, "no TICK after the rotation");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let current = std::fs::read(dir.join("serial.log")).unwrap();
+    assert!(current.len() < 1 << 20, "{}", current.len());
+    assert_ne!(current[0], 0, "a hole where the old output was");
+    // The API's tail spans both files.
+    // (The guest ticks fast: leave room for what it writes meanwhile.)
+    let bytes = current.len() + (512 << 10);
+    let tail = send(
+        &k.admin,
+        "GET",
+        &format!("/api/v1/vms/{id}/serial?bytes={bytes}"),
+        None,
+    );
+    assert!(
+        tail.text.contains("MARK-END\n") && tail.text.contains("TICK"),
+        "{}",
+        &tail.text[tail.text.len().saturating_sub(300)..]
+    );
+}
+
+#[test]
 fn ten_vms_created_in_parallel_all_run() {
     let k = Keeld::start("parallel");
     k.tiny_image("tiny");

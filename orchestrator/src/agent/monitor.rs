@@ -16,6 +16,8 @@ use crate::keel::Keel;
 use crate::model::{PowerState, RestartPolicy, VmStatus};
 
 const POLL: Duration = Duration::from_millis(100);
+/// How often the serial log's size is checked against its limit.
+const SERIAL_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Deserialize)]
 struct VmmEvent {
@@ -50,7 +52,18 @@ async fn follow(keel: &Arc<Keel>, id: &str, mut child: Option<Child>) -> Option<
     };
     let mut partial = String::new();
     let process = keel.vms.get(id).and_then(|vm| vm.vmm.clone());
+    let mut since_rotation_check = Duration::ZERO;
     loop {
+        since_rotation_check += POLL;
+        if since_rotation_check >= SERIAL_CHECK {
+            since_rotation_check = Duration::ZERO;
+            let (vm_files, max) = (super::files(keel, id), keel.config.serial_log_max);
+            let rotated =
+                tokio::task::spawn_blocking(move || process::rotate_serial(&vm_files, max)).await;
+            if let Ok(Err(e)) = rotated {
+                log::warn!("VM {id}: cannot rotate its serial log: {e}");
+            }
+        }
         read_events(keel, id, &files.events(), &mut offset, &mut partial);
         let gone = match child.as_mut() {
             Some(c) => match c.try_wait() {

@@ -2,9 +2,8 @@
 //! interactive session over a WebSocket (output streamed from the log, keys
 //! written to the VMM's console FIFO).
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use serde::Deserialize;
 use super::access::find_vm;
 use super::{ApiResult, Caller};
 use crate::agent;
+use crate::agent::process::{VmFiles, serial_tail, tail};
 use crate::auth::Access;
 use crate::keel::Keel;
 
@@ -33,20 +33,6 @@ pub struct Params {
     bytes: Option<u64>,
 }
 
-/// The last `len` bytes of a file, and the length it had.
-fn tail(path: &std::path::Path, len: u64) -> (Vec<u8>, u64) {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return (Vec::new(), 0);
-    };
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let from = size.saturating_sub(len);
-    let mut buf = Vec::new();
-    if file.seek(SeekFrom::Start(from)).is_ok() {
-        let _ = file.take(size - from).read_to_end(&mut buf);
-    }
-    (buf, size)
-}
-
 pub async fn serial_log(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
@@ -54,8 +40,8 @@ pub async fn serial_log(
     Query(q): Query<Params>,
 ) -> ApiResult<Response> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
-    let (bytes, _) = tail(
-        &agent::files(&keel, &vm.id).serial(),
+    let bytes = serial_tail(
+        &agent::files(&keel, &vm.id),
         q.bytes.unwrap_or(64 << 10).min(16 << 20),
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
@@ -70,8 +56,7 @@ pub async fn websocket(
 ) -> ApiResult<Response> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     let files = agent::files(&keel, &vm.id);
-    let (serial, input) = (files.serial(), files.console_in());
-    Ok(upgrade.on_upgrade(move |socket| session(socket, serial, input)))
+    Ok(upgrade.on_upgrade(move |socket| session(socket, files)))
 }
 
 /// Keys for the VMM's terminal: its escape key (Ctrl-A) is doubled, so a
@@ -87,7 +72,8 @@ pub fn escape_keys(keys: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn session(socket: WebSocket, serial: PathBuf, input: PathBuf) {
+async fn session(socket: WebSocket, files: VmFiles) {
+    let (serial, input) = (files.serial(), files.console_in());
     let (mut tx, mut rx) = socket.split();
     let (backlog, mut offset) = tail(&serial, BACKLOG);
     if !backlog.is_empty() && tx.send(Message::Binary(backlog.into())).await.is_err() {
@@ -98,6 +84,14 @@ async fn session(socket: WebSocket, serial: PathBuf, input: PathBuf) {
             tokio::time::sleep(POLL).await;
             let size = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
             if size < offset {
+                // Rotated: what came after `offset` is at the end of the
+                // old file.
+                let old = files.serial_old();
+                let rest = std::fs::metadata(&old).map(|m| m.len()).unwrap_or(0);
+                let (chunk, _) = tail(&old, rest.saturating_sub(offset));
+                if !chunk.is_empty() && tx.send(Message::Binary(chunk.into())).await.is_err() {
+                    return;
+                }
                 offset = 0;
             }
             if size > offset {
