@@ -713,6 +713,13 @@ fn serial_log_is_rotated_and_read_across_the_rotation() {
         assert!(start.elapsed() < BOOT, "no TICK: {}", k.serial(id));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A console session open across the rotation.
+    let url = format!(
+        "ws://127.0.0.1:{}/api/v1/vms/{id}/console?access_token={}",
+        k.port,
+        k.admin.token().unwrap()
+    );
+    let (mut ws, _) = tungstenite::connect(url).unwrap();
     // A burst of output past the 1 MiB limit, as a chatty guest would write.
     let dir = k.dir.join(format!("data/vms/{id}"));
     let mut log = std::fs::OpenOptions::new()
@@ -740,6 +747,23 @@ fn serial_log_is_rotated_and_read_across_the_rotation() {
     let current = std::fs::read(dir.join("serial.log")).unwrap();
     assert!(current.len() < 1 << 20, "{}", current.len());
     assert_ne!(current[0], 0, "a hole where the old output was");
+    // The console saw the burst's end (read from serial.log.1 if the
+    // rotation came before the session caught up) and goes on after it.
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < BOOT, "the console lost the burst's end");
+        if let tungstenite::Message::Binary(b) = ws.read().unwrap() {
+            seen.extend_from_slice(&b);
+        }
+        let text = String::from_utf8_lossy(&seen);
+        if let Some(at) = text.find("MARK-END\n") {
+            if ticks(&text[at..]) > 0 {
+                break;
+            }
+        }
+    }
+    let _ = ws.close(None);
     // The API's tail spans both files.
     // (The guest ticks fast: leave room for what it writes meanwhile.)
     let bytes = current.len() + (512 << 10);
