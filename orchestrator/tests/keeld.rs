@@ -757,10 +757,11 @@ fn serial_log_is_rotated_and_read_across_the_rotation() {
             seen.extend_from_slice(&b);
         }
         let text = String::from_utf8_lossy(&seen);
-        if let Some(at) = text.find("MARK-END\n") {
-            if ticks(&text[at..]) > 0 {
-                break;
-            }
+        if text
+            .find("MARK-END\n")
+            .is_some_and(|at| ticks(&text[at..]) > 0)
+        {
+            break;
         }
     }
     let _ = ws.close(None);
