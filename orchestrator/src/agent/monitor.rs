@@ -52,11 +52,10 @@ async fn follow(keel: &Arc<Keel>, id: &str, mut child: Option<Child>) -> Option<
     };
     let mut partial = String::new();
     let process = keel.vms.get(id).and_then(|vm| vm.vmm.clone());
-    let mut since_rotation_check = Duration::ZERO;
+    let mut serial_checked = tokio::time::Instant::now();
     loop {
-        since_rotation_check += POLL;
-        if since_rotation_check >= SERIAL_CHECK {
-            since_rotation_check = Duration::ZERO;
+        if serial_checked.elapsed() >= SERIAL_CHECK {
+            serial_checked = tokio::time::Instant::now();
             let (vm_files, max) = (super::files(keel, id), keel.config.serial_log_max);
             let rotated =
                 tokio::task::spawn_blocking(move || process::rotate_serial(&vm_files, max)).await;
