@@ -33,6 +33,9 @@ pub struct Config {
     /// Serial output kept per VM file before `serial.log` is rotated to
     /// `serial.log.1` (so at most twice this on disk per VM).
     pub serial_log_max: u64,
+    /// Directories system admins may import image and boot files from
+    /// (`--import-dir`); none by default.
+    pub import_dirs: Vec<PathBuf>,
 }
 
 impl Config {
@@ -44,6 +47,7 @@ impl Config {
             stop_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(12 * 3600),
             serial_log_max: 8 << 20,
+            import_dirs: Vec::new(),
         }
     }
 }

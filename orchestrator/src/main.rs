@@ -39,6 +39,11 @@ enum Command {
         /// moves to `serial.log.1` (so at most twice this per VM).
         #[arg(long, default_value_t = 8)]
         serial_log_max_mib: u64,
+        /// A directory system admins may import image, kernel and initramfs
+        /// files from by host path (repeatable; none by default: tenants
+        /// import by upload or URL).
+        #[arg(long = "import-dir", value_name = "DIR")]
+        import_dirs: Vec<PathBuf>,
         /// Log more (-v info, -vv debug).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
                 cpu_overcommit,
                 stop_timeout,
                 serial_log_max_mib,
+                import_dirs,
                 verbose,
             },
     } = Cli::parse();
@@ -95,6 +101,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     config.serial_log_max = serial_log_max_mib << 20;
+    config.import_dirs = import_dirs;
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

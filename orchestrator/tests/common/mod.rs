@@ -40,6 +40,8 @@ pub struct Keeld {
     pub extra_args: Vec<String>,
     /// The VMM binary keeld runs (keel-vmm unless a test says otherwise).
     pub vmm: PathBuf,
+    /// RLIMIT_NOFILE (soft, hard) keeld starts with, when a test sets it.
+    pub nofile: Option<(u64, u64)>,
 }
 
 fn free_port() -> u16 {
@@ -69,7 +71,9 @@ impl Keeld {
             admin: KeeldClient::new("http://127.0.0.1:1").unwrap(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             vmm,
+            nofile: None,
         };
+        std::fs::create_dir_all(k.import_dir()).unwrap();
         let out = k.spawn();
         assert!(out.contains("created user admin"), "first start: {out}");
         let password = std::fs::read_to_string(k.dir.join("data/initial-admin-password"))
@@ -93,10 +97,30 @@ impl Keeld {
             .open(&log)
             .unwrap();
         let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) as usize;
-        let child = Command::new(env!("CARGO_BIN_EXE_keeld"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keeld"));
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child's own limits.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(self.dir.join("data"))
+            .arg("--import-dir")
+            .arg(self.import_dir())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--vmm")
@@ -130,6 +154,20 @@ impl Keeld {
         }
     }
 
+    /// The directory keeld may import host files from (`--import-dir`).
+    pub fn import_dir(&self) -> PathBuf {
+        self.dir.join("import")
+    }
+
+    /// The freestanding guest, copied into the import directory.
+    pub fn guest_kernel(&self) -> PathBuf {
+        let to = self.import_dir().join("guest.elf");
+        if !to.exists() {
+            std::fs::copy(keel_tests::freestanding::guest_elf(), &to).unwrap();
+        }
+        to
+    }
+
     pub fn client(&self) -> KeeldClient {
         KeeldClient::new(&format!("http://127.0.0.1:{}", self.port)).unwrap()
     }
@@ -144,8 +182,9 @@ impl Keeld {
     }
 
     pub fn image_with(&self, name: &str, cmdline: &str) -> Value {
-        let disk = self.dir.join(format!("{name}.raw"));
+        let disk = self.import_dir().join(format!("{name}.raw"));
         std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+        let kernel = self.guest_kernel();
         let reply = self
             .admin
             .post(
@@ -154,7 +193,7 @@ impl Keeld {
                     "name": name,
                     "source": {"path": disk},
                     "boot": {
-                        "kernel_path": keel_tests::freestanding::guest_elf(),
+                        "kernel_path": kernel,
                         "cmdline": cmdline,
                     },
                 }),
