@@ -193,6 +193,7 @@ impl Keel {
                 id: DEFAULT_PROJECT.into(),
                 name: DEFAULT_PROJECT.into(),
                 description: "Created at installation".into(),
+                quota: Default::default(),
                 created_at: now(),
             })?;
         }

@@ -12,6 +12,7 @@ pub mod keel;
 pub mod model;
 pub mod node;
 pub mod operations;
+pub mod quota;
 pub mod seed;
 pub mod spares;
 pub mod store;

@@ -37,7 +37,31 @@ pub struct Project {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Limits on what the project may hold; unset fields are unlimited.
+    #[serde(default)]
+    pub quota: Quota,
     pub created_at: u64,
+}
+
+/// A project's limits (set by system admins). `None`: no limit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// VMs outside the recycle bin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<u64>,
+    /// vCPUs of the VMs outside the recycle bin, running or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u64>,
+    /// Memory of the VMs outside the recycle bin, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Sizes of all the project's disks (system and data), in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+    /// Sizes of the project's images (imported, uploaded or importing), in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_gib: Option<u64>,
 }
 resource!(Project, Kind::Project);
 
@@ -145,6 +169,10 @@ pub struct Image {
     pub size: u64,
     /// 0..=100 while importing.
     pub progress: u8,
+    /// Bytes an import in progress has declared (counted against quotas
+    /// until the image is ready).
+    #[serde(default)]
+    pub reserved: u64,
     #[serde(default)]
     pub sha256: String,
     #[serde(default)]

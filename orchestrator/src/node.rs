@@ -47,7 +47,7 @@ pub fn host_memory() -> (u64, u64) {
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
-fn disk_space(path: &std::path::Path) -> (u64, u64) {
+pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return (0, 0);
     };

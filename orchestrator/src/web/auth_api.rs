@@ -276,6 +276,7 @@ pub async fn create_project(
         id: req.name.clone(),
         name: req.name,
         description: req.description,
+        quota: Default::default(),
         created_at: now(),
     })?;
     Ok((StatusCode::CREATED, Json(json!(*project))))

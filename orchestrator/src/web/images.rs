@@ -199,6 +199,7 @@ pub async fn create(
         },
         size: 0,
         progress: 0,
+        reserved: 0,
         sha256: req.sha256.clone().unwrap_or_default(),
         os_type: req.os_type,
         os_version: req.os_version,

@@ -925,6 +925,7 @@ pub async fn make_image(
         status_reason: String::new(),
         size: disk.size,
         progress: 0,
+        reserved: 0,
         sha256: String::new(),
         os_type: source.os_type.clone(),
         os_version: source.os_version.clone(),
