@@ -73,6 +73,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    ImportDir(#[from] crate::host_files::ImportDirError),
     #[error("Cannot write the initial admin password to {path}")]
     Password {
         path: String,
@@ -128,6 +130,8 @@ pub struct Keel {
     pub operations: Collection<Operation>,
     pub idempotency: Collection<IdempotentReply>,
     pub agent: Agent,
+    /// Where system admins may import host files from.
+    pub import_roots: crate::host_files::ImportRoots,
     pub spares: crate::spares::Spares,
     /// Serialized VM list pages, by query, with the generation of
     /// `vms` they were made from.
@@ -164,6 +168,7 @@ impl Keel {
                 source,
             })?;
         }
+        let import_roots = crate::host_files::ImportRoots::new(&config.import_dirs, &paths.root)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&paths.database())?);
         let keel = Arc::new(Keel {
             projects: Collection::load(store.clone())?,
@@ -176,6 +181,7 @@ impl Keel {
             operations: Collection::load(store.clone())?,
             idempotency: Collection::load(store.clone())?,
             agent: Agent::default(),
+            import_roots,
             spares: Default::default(),
             idempotency_locks: Mutex::new(HashMap::new()),
             vm_list_cache: Mutex::new(HashMap::new()),

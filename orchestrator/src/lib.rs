@@ -6,6 +6,7 @@ pub mod agent;
 pub mod auth;
 pub mod collection;
 pub mod files;
+pub mod host_files;
 pub mod images;
 pub mod iso9660;
 pub mod keel;

@@ -22,7 +22,7 @@ fn keel_cli_drives_keeld() {
 
     let disk = k.dir.join("disk.raw");
     std::fs::write(&disk, vec![7u8; 2 << 20]).unwrap();
-    let guest = keel_tests::freestanding::guest_elf().display().to_string();
+    let guest = k.guest_kernel().display().to_string();
     let (rc, out, err) = keel_cli(
         &k,
         &[

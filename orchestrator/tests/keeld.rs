@@ -329,9 +329,9 @@ fn bad_input_is_refused_and_nothing_is_half_created() {
         &k.admin,
         "POST",
         "/api/v1/images",
-        Some(json!({"name": "i", "source": {"path": "/no/such/file"}})),
+        Some(json!({"name": "i", "source": {"path": k.import_dir().join("no-such-file")}})),
     );
-    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.status, 403, "{}", r.text);
     let r = send(
         &k.admin,
         "POST",
@@ -375,7 +375,7 @@ fn bad_input_is_refused_and_nothing_is_half_created() {
 fn image_checksum_upload_and_http_import() {
     let k = Keeld::start("images");
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
-    let file = k.dir.join("src.raw");
+    let file = k.import_dir().join("src.raw");
     std::fs::write(&file, &data).unwrap();
     let sha = {
         use sha2::Digest;
@@ -519,7 +519,7 @@ fn image_checksum_upload_and_http_import() {
     assert_eq!(r.status, 409, "{}", r.text);
 
     // qcow2 through qemu-img, when it is installed (CI installs it).
-    let qcow = k.dir.join("src.qcow2");
+    let qcow = k.import_dir().join("src.qcow2");
     let converted = std::process::Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(&file)

@@ -6,7 +6,7 @@
 //! image is renamed into place, so an interrupted import never leaves a
 //! usable half image, and its space is given back at once.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 mod download;
@@ -19,14 +19,15 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::keel::Keel;
-use crate::model::{Image, ImageFormat, ImageStatus};
+use crate::model::{ImageFormat, ImageStatus};
 use crate::operations::Progress;
 use crate::store::StoreError;
 
 /// Where an image's bytes come from.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Source {
-    Path(PathBuf),
+    /// A file already opened and checked (see [`crate::host_files`]).
+    File(std::fs::File),
     Url(String),
 }
 
@@ -127,9 +128,9 @@ pub async fn import(
     op: Progress,
 ) -> Result<(), String> {
     let partial = keel.paths.image_file(&id, "partial");
-    let copied = match &source {
-        Source::Path(path) => copy_file(&keel, &id, path, &partial, &op).await,
-        Source::Url(url) => download::download(&keel, &id, url, &partial, &op).await,
+    let copied = match source {
+        Source::File(file) => copy_file(&keel, &id, file, &partial, &op).await,
+        Source::Url(url) => download::download(&keel, &id, &url, &partial, &op).await,
     };
     let result = match copied {
         Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,
@@ -184,13 +185,11 @@ where
 async fn copy_file(
     keel: &Keel,
     id: &str,
-    from: &Path,
+    from: std::fs::File,
     to: &Path,
     op: &Progress,
 ) -> Result<(u64, String), String> {
-    let mut file = tokio::fs::File::open(from)
-        .await
-        .map_err(|e| format!("Cannot open {}: {e}", from.display()))?;
+    let mut file = tokio::fs::File::from_std(from);
     let total = file.metadata().await.map(|m| m.len()).ok();
     let mut sink = Sink::create(to, total).await?;
     let mut buf = vec![0u8; 1 << 20];
@@ -199,7 +198,7 @@ async fn copy_file(
         let n = file
             .read(&mut buf)
             .await
-            .map_err(|e| format!("Cannot read {}: {e}", from.display()))?;
+            .map_err(|e| format!("Cannot read the source file: {e}"))?;
         if n == 0 {
             break;
         }
@@ -293,12 +292,26 @@ async fn finish(
     Ok(())
 }
 
-/// Copies a kernel or initramfs that comes with an image.
-pub fn copy_boot_file(keel: &Keel, image: &Image, what: &str, from: &Path) -> Result<(), String> {
-    let to = keel.paths.image_file(&image.id, what);
-    std::fs::copy(from, &to)
+/// Copies a kernel or initramfs that comes with an image (mode 0600,
+/// whatever the source's).
+pub fn copy_boot_file(
+    keel: &Keel,
+    image: &str,
+    what: &str,
+    mut from: std::fs::File,
+) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let to = keel.paths.image_file(image, what);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&to)
+        .map_err(|e| format!("Cannot create the {what} {}: {e}", to.display()))?;
+    std::io::copy(&mut from, &mut out)
         .map(|_| ())
-        .map_err(|e| format!("Cannot copy the {what} {}: {e}", from.display()))
+        .map_err(|e| format!("Cannot copy the {what}: {e}"))
 }
 
 #[cfg(test)]

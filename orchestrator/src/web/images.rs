@@ -1,10 +1,11 @@
 //! Images: import (path, URL, upload), list, share, delete.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -40,7 +41,7 @@ pub async fn list(
 pub async fn show(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
-    Path(id): Path<String>,
+    axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
 ) -> ApiResult<Json<Value>> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
@@ -113,24 +114,18 @@ pub fn check_new_name(keel: &Keel, project: &str, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn file_must_exist(what: &str, path: &std::path::Path) -> ApiResult<()> {
-    if !path.is_absolute() {
-        return Err(ApiError::bad_request(format!(
-            "{what} {} must be an absolute path on the keeld host",
-            path.display()
-        )));
-    }
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(ApiError::bad_request(format!(
-            "{what} {} is not a file",
-            path.display()
-        ))),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "{what} {}: {e}",
-            path.display()
-        ))),
-    }
+/// Opens a host file a request names: system admins only, and only where
+/// [`crate::host_files`] allows.
+fn open_host_file(keel: &Keel, caller: &Caller, what: &str, path: &Path) -> ApiResult<File> {
+    caller.require_system_admin().map_err(|_| {
+        ApiError::forbidden(format!(
+            "{what}: not allowed: only system administrators may import host files; upload \
+             the image (source.upload) or give a URL"
+        ))
+    })?;
+    keel.import_roots
+        .open(what, path)
+        .map_err(|e| ApiError::forbidden(e.to_string()))
 }
 
 pub async fn create(
@@ -141,10 +136,12 @@ pub async fn create(
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &project, &req.name)?;
     let source = match (&req.source.path, &req.source.url, req.source.upload) {
-        (Some(p), None, false) => {
-            file_must_exist("source.path", p)?;
-            Some(Source::Path(p.clone()))
-        }
+        (Some(p), None, false) => Some(Source::File(open_host_file(
+            &keel,
+            &caller,
+            "source.path",
+            p,
+        )?)),
         (None, Some(u), false) => {
             images::parse_http_url(u).map_err(ApiError::bad_request)?;
             Some(Source::Url(u.clone()))
@@ -170,13 +167,15 @@ pub async fn create(
         return Err(ApiError::bad_request("min_disk_gib is larger than 64 TiB"));
     }
     let mut boot = BootSpec::default();
+    let mut boot_files = Vec::new();
     if let Some(b) = &req.boot {
         if let Some(k) = &b.kernel_path {
-            file_must_exist("boot.kernel_path", k)?;
+            boot_files.push(("kernel", open_host_file(&keel, &caller, "boot.kernel_path", k)?));
             boot.kernel = Some(k.display().to_string());
         }
         if let Some(i) = &b.initramfs_path {
-            file_must_exist("boot.initramfs_path", i)?;
+            let file = open_host_file(&keel, &caller, "boot.initramfs_path", i)?;
+            boot_files.push(("initramfs", file));
             boot.initramfs = Some(i.display().to_string());
         }
         if b.cmdline.len() > 2048 {
@@ -210,13 +209,11 @@ pub async fn create(
         created_at: now(),
     })?;
     // The boot files are small: copy them now, so a bad one fails the call.
-    for (what, path) in [
-        ("kernel", &image.boot.kernel),
-        ("initramfs", &image.boot.initramfs),
-    ] {
-        if let Some(path) = path
-            && let Err(e) = images::copy_boot_file(&keel, &image, what, std::path::Path::new(path))
-        {
+    for (what, file) in boot_files {
+        if let Err(e) = images::copy_boot_file(&keel, &image.id, what, file) {
+            for what in ["kernel", "initramfs"] {
+                let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
+            }
             let _ = keel.images.remove(&image.id);
             return Err(ApiError::bad_request(e));
         }
@@ -238,21 +235,22 @@ pub async fn create(
     Ok(accepted(&op, "image", json!(*image)))
 }
 
-/// Imports a local file as the bytes of an existing image record.
-pub async fn import_from_path(
+/// Imports one of keeld's own files (a VM's disk) as the bytes of an
+/// existing image record.
+pub async fn import_own_file(
     keel: Arc<Keel>,
     id: String,
     path: PathBuf,
-    sha: Option<String>,
     op: Progress,
 ) -> Result<(), String> {
-    images::import(keel, id, Source::Path(path), sha, op).await
+    let file = File::open(&path).map_err(|e| format!("Cannot open {}: {e}", path.display()))?;
+    images::import(keel, id, Source::File(file), None, op).await
 }
 
 pub async fn upload(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
-    Path(id): Path<String>,
+    axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
     req: Request,
 ) -> ApiResult<Json<Value>> {
@@ -296,7 +294,7 @@ pub struct Share {
 pub async fn share(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
-    Path(id): Path<String>,
+    axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
     Body(req): Body<Share>,
 ) -> ApiResult<Json<Value>> {
@@ -322,7 +320,7 @@ pub async fn share(
 pub async fn remove(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
-    Path(id): Path<String>,
+    axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
 ) -> ApiResult<StatusCode> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;

@@ -946,17 +946,14 @@ pub async fn make_image(
         move |op| async move {
             let result = async {
                 for what in ["kernel", "initramfs"] {
-                    let from = k.paths.image_file(&source_id, what);
-                    if from.exists() {
-                        std::fs::copy(&from, k.paths.image_file(&image_id, what))
-                            .map_err(|e| format!("Cannot copy the {what}: {e}"))?;
+                    if let Ok(from) = std::fs::File::open(k.paths.image_file(&source_id, what)) {
+                        crate::images::copy_boot_file(&k, &image_id, what, from)?;
                     }
                 }
-                super::images::import_from_path(
+                super::images::import_own_file(
                     k.clone(),
                     image_id.clone(),
                     k.paths.disk(&disk_id),
-                    None,
                     op,
                 )
                 .await
