@@ -91,7 +91,23 @@ impl<T: Resource> Collection<T> {
 
     /// Stores a new item; its id must not exist yet.
     pub fn insert(&self, value: T) -> Result<Arc<T>, StoreError> {
+        self.insert_unique(value, |_| false)
+            .map(|inserted| inserted.unwrap_or_else(|existing| existing))
+    }
+
+    /// Stores a new item unless one for which `clashes` holds exists: the
+    /// check and the write happen under one lock, so two concurrent
+    /// requests for the same name cannot both pass it. `Err(existing)`
+    /// when one clashed.
+    pub fn insert_unique(
+        &self,
+        value: T,
+        clashes: impl Fn(&T) -> bool,
+    ) -> Result<Result<Arc<T>, Arc<T>>, StoreError> {
         let mut items = self.write();
+        if let Some(existing) = items.values().find(|e| clashes(&e.value)) {
+            return Ok(Err(existing.value.clone()));
+        }
         let body = serde_json::to_value(&value).map_err(|source| StoreError::Corrupt {
             kind: T::KIND,
             source,
@@ -106,7 +122,7 @@ impl<T: Resource> Collection<T> {
             },
         );
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(value)
+        Ok(Ok(value))
     }
 
     /// Changes an item in place with `change` and stores it. Returns the

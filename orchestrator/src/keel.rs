@@ -33,9 +33,29 @@ pub struct Config {
     /// Serial output kept per VM file before `serial.log` is rotated to
     /// `serial.log.1` (so at most twice this on disk per VM).
     pub serial_log_max: u64,
+    /// Failed logins that lock an account, and for how long.
+    pub login_throttle: crate::auth::throttle::Policy,
+    /// What new passwords must be like.
+    pub password_policy: crate::auth::password::Policy,
+    /// Passwords older than this must be changed before the next login.
+    pub password_max_age: Option<Duration>,
     /// Directories system admins may import image and boot files from
     /// (`--import-dir`); none by default.
     pub import_dirs: Vec<PathBuf>,
+    /// Address blocks URL imports may reach although they are loopback,
+    /// link-local, ... or this node's own (`--url-import-allow`).
+    pub url_import_allow: Vec<crate::images::Cidr>,
+    /// How long a URL import's connection or read may make no progress.
+    pub url_import_timeout: Duration,
+    /// The web API: a request's whole header block must arrive within
+    /// this (`--header-timeout`).
+    pub header_timeout: Duration,
+    /// The web API: a client that sends nothing for this long while keeld
+    /// waits for it is disconnected (`--client-timeout`).
+    pub client_timeout: Duration,
+    /// The web API: open connections per source address
+    /// (`--max-connections-per-source`).
+    pub max_connections_per_source: usize,
 }
 
 impl Config {
@@ -47,7 +67,15 @@ impl Config {
             stop_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(12 * 3600),
             serial_log_max: 8 << 20,
+            login_throttle: Default::default(),
+            password_policy: Default::default(),
+            password_max_age: None,
             import_dirs: Vec::new(),
+            url_import_allow: Vec::new(),
+            url_import_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            client_timeout: Duration::from_secs(60),
+            max_connections_per_source: 128,
         }
     }
 }
@@ -132,6 +160,11 @@ pub struct Keel {
     pub agent: Agent,
     /// Where system admins may import host files from.
     pub import_roots: crate::host_files::ImportRoots,
+    /// Argon2 runs here: bounded in number and memory.
+    pub passwords: Arc<crate::auth::password::PasswordPool>,
+    pub login_throttle: crate::auth::throttle::Throttle,
+    /// Short-lived, single-use tickets that open a VM's console.
+    pub console_tickets: crate::auth::tickets::Tickets,
     pub spares: crate::spares::Spares,
     /// Serialized VM list pages, by query, with the generation of
     /// `vms` they were made from.
@@ -182,6 +215,12 @@ impl Keel {
             idempotency: Collection::load(store.clone())?,
             agent: Agent::default(),
             import_roots,
+            passwords: crate::auth::password::PasswordPool::new(
+                crate::node::host_cpus() as usize,
+                Duration::from_secs(2),
+            ),
+            login_throttle: crate::auth::throttle::Throttle::new(config.login_throttle),
+            console_tickets: Default::default(),
             spares: Default::default(),
             idempotency_locks: Mutex::new(HashMap::new()),
             vm_list_cache: Mutex::new(HashMap::new()),
@@ -226,6 +265,8 @@ impl Keel {
                 role: Role::Admin,
             }],
             created_at: now(),
+            password_changed_at: now(),
+            must_change_password: false,
         })?;
         let path = self.paths.admin_password();
         crate::files::write_atomic(&path, format!("{password}\n").as_bytes(), 0o600).map_err(

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keel_orchestrator::images::Cidr;
 use keel_orchestrator::model::ImageStatus;
 use keel_orchestrator::{Config, Keel, agent, operations, spares, web};
 
@@ -44,6 +45,27 @@ enum Command {
         /// import by upload or URL).
         #[arg(long = "import-dir", value_name = "DIR")]
         import_dirs: Vec<PathBuf>,
+        /// An address block URL imports may reach although it is loopback,
+        /// link-local, multicast or this node's own, e.g. 127.0.0.0/8 or
+        /// fd00::/8 (repeatable; none by default).
+        #[arg(long = "url-import-allow", value_name = "CIDR")]
+        url_import_allow: Vec<Cidr>,
+        /// Seconds a URL import's connection, response or read may make no
+        /// progress before the import fails.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        url_import_timeout: u64,
+        /// Seconds a request's whole header block may take to arrive.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        header_timeout: u64,
+        /// Seconds a client may send nothing while keeld waits for it (a
+        /// request body, the next request on a kept-alive connection, an
+        /// answer to the console's pings) before it is disconnected.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        client_timeout: u64,
+        /// Open connections allowed per source address; more are closed at
+        /// once.
+        #[arg(long, value_name = "N", default_value_t = 128)]
+        max_connections_per_source: usize,
         /// Log more (-v info, -vv debug).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -75,6 +97,11 @@ fn main() -> ExitCode {
                 stop_timeout,
                 serial_log_max_mib,
                 import_dirs,
+                url_import_allow,
+                url_import_timeout,
+                header_timeout,
+                client_timeout,
+                max_connections_per_source,
                 verbose,
             },
     } = Cli::parse();
@@ -102,6 +129,39 @@ fn main() -> ExitCode {
     }
     config.serial_log_max = serial_log_max_mib << 20;
     config.import_dirs = import_dirs;
+    if !(1..=3600).contains(&url_import_timeout) {
+        eprintln!("keeld: --url-import-timeout must be 1 to 3600 seconds");
+        return ExitCode::from(1);
+    }
+    config.url_import_allow = url_import_allow;
+    config.url_import_timeout = Duration::from_secs(url_import_timeout);
+    if !(1..=600).contains(&header_timeout) {
+        eprintln!("keeld: --header-timeout must be 1 to 600 seconds");
+        return ExitCode::from(1);
+    }
+    if !(3..=3600).contains(&client_timeout) {
+        eprintln!("keeld: --client-timeout must be 3 to 3600 seconds");
+        return ExitCode::from(1);
+    }
+    if !(1..=65536).contains(&max_connections_per_source) {
+        eprintln!("keeld: --max-connections-per-source must be 1 to 65536");
+        return ExitCode::from(1);
+    }
+    config.header_timeout = Duration::from_secs(header_timeout);
+    config.client_timeout = Duration::from_secs(client_timeout);
+    config.max_connections_per_source = max_connections_per_source;
+    // Connections take file descriptors: allow all the hard limit does.
+    let open_files = match web::server::raise_open_file_limit() {
+        Ok((before, after)) => {
+            log::info!("Open file limit: {after} (was {before})");
+            after
+        }
+        Err(e) => {
+            log::warn!("Cannot raise the open file limit: {e}");
+            1024
+        }
+    };
+    let max_connections = web::server::connection_limit(open_files);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -144,7 +204,13 @@ fn main() -> ExitCode {
             "keeld: serving http://{listen}/api/v1 (data in {})",
             keel.data_dir().display()
         );
-        let app = web::router(keel.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let limits = web::server::Limits {
+            header_timeout: keel.config.header_timeout,
+            client_timeout: keel.config.client_timeout,
+            per_source: keel.config.max_connections_per_source,
+            total: max_connections,
+        };
+        let app = web::router(keel.clone());
         let shutdown = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -157,16 +223,8 @@ fn main() -> ExitCode {
             }
         };
         // VMs keep running when keeld stops: a restarted keeld re-attaches.
-        match axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("keeld: the server failed: {e}");
-                ExitCode::from(1)
-            }
-        }
+        web::server::serve(listener, app, limits, shutdown).await;
+        ExitCode::SUCCESS
     })
 }
 

@@ -93,6 +93,12 @@ pub struct User {
     #[serde(default)]
     pub memberships: Vec<Membership>,
     pub created_at: u64,
+    /// When the password was last set (0: at `created_at`).
+    #[serde(default)]
+    pub password_changed_at: u64,
+    /// Set by an admin's reset: the next login must change the password.
+    #[serde(default)]
+    pub must_change_password: bool,
 }
 resource!(User, Kind::User);
 
@@ -350,10 +356,21 @@ resource!(Operation, Kind::Operation);
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IdempotentReply {
     pub id: String,
+    /// The user who sent it.
+    #[serde(default)]
+    pub user: String,
     pub method: String,
     pub path: String,
+    /// SHA-256 of method, path, user and body: a key reused for anything
+    /// else is refused.
+    #[serde(default)]
+    pub fingerprint: String,
     pub status: u16,
+    /// The answer, less any secret it showed once.
     pub body: String,
+    /// The answer held a secret (a new token): a replay cannot show it.
+    #[serde(default)]
+    pub secret: bool,
     pub created_at: u64,
 }
 resource!(IdempotentReply, Kind::Idempotency);

@@ -713,11 +713,16 @@ fn serial_log_is_rotated_and_read_across_the_rotation() {
         assert!(start.elapsed() < BOOT, "no TICK: {}", k.serial(id));
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A console session open across the rotation.
+    // A console session open across the rotation, as a browser opens it:
+    // with a single-use ticket.
+    let ticket = k
+        .admin
+        .post(&format!("/api/v1/vms/{id}/console/ticket"), &json!({}))
+        .unwrap();
     let url = format!(
-        "ws://127.0.0.1:{}/api/v1/vms/{id}/console?access_token={}",
+        "ws://127.0.0.1:{}{}",
         k.port,
-        k.admin.token().unwrap()
+        ticket["path"].as_str().unwrap()
     );
     let (mut ws, _) = tungstenite::connect(url).unwrap();
     // A burst of output past the 1 MiB limit, as a chatty guest would write.
@@ -959,12 +964,15 @@ fn serial_console_over_websocket() {
         json!({"name": "c", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
     );
     let id = vm["id"].as_str().unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/api/v1/vms/{id}/console?access_token={}",
-        k.port,
-        k.admin.token().unwrap()
+    let url = format!("ws://127.0.0.1:{}/api/v1/vms/{id}/console", k.port);
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", k.admin.token().unwrap())
+            .parse()
+            .unwrap(),
     );
-    let (mut ws, _) = tungstenite::connect(url).unwrap();
+    let (mut ws, _) = tungstenite::connect(request).unwrap();
     let mut seen = String::new();
     let start = Instant::now();
     while ticks(&seen) < 5 {

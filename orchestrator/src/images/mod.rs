@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 mod download;
 
-pub use download::parse_http_url;
+pub use download::{Cidr, HttpUrl, Scheme, cancel as cancel_download, check_url, parse_http_url};
 
 use futures_util::{Stream, StreamExt};
 use hyper::body::Bytes;
@@ -115,6 +115,7 @@ fn fail(keel: &Keel, id: &str, reason: &str) {
         img.status = ImageStatus::Error;
         img.status_reason = reason.to_string();
         img.progress = 0;
+        img.reserved = 0;
         Ok(())
     });
 }
@@ -283,6 +284,7 @@ async fn finish(
             img.status = ImageStatus::Ready;
             img.status_reason.clear();
             img.progress = 100;
+            img.reserved = 0;
             img.size = size;
             img.sha256 = sha.to_string();
             Ok(())

@@ -25,22 +25,17 @@ pub struct Caller {
     pub token: String,
 }
 
-/// Finds the bearer token (header, or `access_token` in the query for
-/// WebSockets from a browser) and puts the [`Caller`] in the request.
+/// Finds the bearer token (only ever in the `Authorization` header: a
+/// token in a URL ends up in logs and histories; browsers open consoles
+/// with a ticket instead, see [`crate::auth::tickets`]) and puts the
+/// [`Caller`] in the request.
 pub async fn authenticate(State(keel): State<Arc<Keel>>, mut req: Request, next: Next) -> Response {
     let secret = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
-        .or_else(|| {
-            req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("access_token="))
-                    .map(str::to_string)
-            })
-        });
+        .map(str::to_string);
     if let Some(secret) = secret {
         let id = auth::token_id(secret.trim());
         if let Some(token) = keel.tokens.get(&id)
@@ -51,6 +46,22 @@ pub async fn authenticate(State(keel): State<Arc<Keel>>, mut req: Request, next:
         }
     }
     next.run(req).await
+}
+
+/// The address a request came from, when the server recorded it.
+pub struct Source(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Source {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Source(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -64,6 +75,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
                  /api/v1/login or an API token",
             )
         })
+    }
+}
+
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Caller>().cloned())
     }
 }
 

@@ -14,6 +14,11 @@ use crate::keel::Keel;
 use crate::model::now;
 use crate::store::Log;
 
+/// Who an unauthenticated call was about (the user name a login tried),
+/// set by its handler on the response for the audit log.
+#[derive(Clone)]
+pub struct AuditUser(pub String);
+
 pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
@@ -31,6 +36,10 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
         .map(|c| c.0.ip().to_string())
         .unwrap_or_default();
     let response = next.run(req).await;
+    let user = match response.extensions().get::<AuditUser>() {
+        Some(AuditUser(named)) if user == "-" => named.clone(),
+        _ => user,
+    };
     let status = response.status().as_u16();
     // The resource is the path's segment after the collection name.
     let resource = path

@@ -1,17 +1,25 @@
 //! Login, tokens, users, projects and their members.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::access::Source;
+use super::audit::AuditUser;
+use super::idempotency::SecretReply;
 use super::{ApiError, ApiResult, Body, Caller};
+use crate::auth::password::PasswordError;
+use crate::auth::throttle::Wait;
 use crate::auth::{self, Access};
 use crate::keel::{DEFAULT_PROJECT, Keel};
-use crate::model::{Membership, Project, Role, Token, TokenKind, User, new_id, now, valid_name};
+use crate::model::{Membership, Project, Quota, Role, Token, TokenKind, User, new_id, now, valid_name};
 use crate::store::StoreError;
 
 #[derive(Deserialize)]
@@ -68,30 +76,113 @@ fn dummy_hash() -> String {
         .clone()
 }
 
-pub async fn login(
-    State(keel): State<Arc<Keel>>,
-    Body(req): Body<Login>,
-) -> ApiResult<Json<Value>> {
-    let user = keel.users.find(|u| u.name == req.username);
+fn too_many(wait: Duration, message: String) -> Response {
+    let mut r = ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).into_response();
+    if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn password_error(e: PasswordError) -> Response {
+    match e {
+        PasswordError::Busy => too_many(
+            Duration::from_secs(1),
+            "Too many password checks at once; try again in a second".into(),
+        ),
+        e => ApiError::internal(e.to_string()).into_response(),
+    }
+}
+
+/// Checks a user name and password against the throttle and the store:
+/// the user, or the answer to give instead. Every failure is counted.
+async fn check_password(
+    keel: &Keel,
+    username: &str,
+    password: &str,
+    source: Option<IpAddr>,
+) -> Result<Arc<User>, Response> {
+    if let Err(Wait(wait)) = keel.login_throttle.check(username, source, Instant::now()) {
+        return Err(too_many(
+            wait,
+            format!(
+                "Too many failed logins for this account or from this address; try again in {} \
+                 s (a system admin can reset the password)",
+                wait.as_secs().max(1)
+            ),
+        ));
+    }
+    let user = keel.users.find(|u| u.name == username);
     // Verify against a hash even for an unknown user, so timing does not
     // tell which names exist.
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(dummy_hash);
-    let password = req.password.clone();
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+    let ok = keel
+        .passwords
+        .verify(password.to_string(), hash)
         .await
-        .unwrap_or(false);
-    let user = match (ok, user) {
-        (true, Some(user)) => user,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "Wrong user name or password",
-            ));
+        .map_err(password_error)?;
+    match (ok, user) {
+        (true, Some(user)) => {
+            keel.login_throttle.succeeded(username);
+            Ok(user)
         }
+        _ => {
+            keel.login_throttle
+                .failed(username, source, Instant::now());
+            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong user name or password").into_response())
+        }
+    }
+}
+
+/// Whether the user must set a new password before logging in.
+fn password_expired(keel: &Keel, user: &User) -> Option<String> {
+    if user.must_change_password {
+        return Some("An administrator reset your password: set a new one".into());
+    }
+    let max_age = keel.config.password_max_age?;
+    let set = if user.password_changed_at == 0 {
+        user.created_at
+    } else {
+        user.password_changed_at
     };
+    (now().saturating_sub(set) > max_age.as_secs()).then(|| {
+        format!(
+            "Your password is older than {} days: set a new one",
+            max_age.as_secs() / 86400
+        )
+    })
+}
+
+pub async fn login(
+    State(keel): State<Arc<Keel>>,
+    Source(source): Source,
+    Body(req): Body<Login>,
+) -> Response {
+    let audited: String = req.username.chars().take(64).collect();
+    let mut response = match login_inner(&keel, source, req).await {
+        Ok(json) => json.into_response(),
+        Err(r) => r,
+    };
+    response.extensions_mut().insert(AuditUser(audited));
+    response
+}
+
+async fn login_inner(
+    keel: &Arc<Keel>,
+    source: Option<IpAddr>,
+    req: Login,
+) -> Result<Json<Value>, Response> {
+    let user = check_password(keel, &req.username, &req.password, source).await?;
+    if let Some(why) = password_expired(keel, &user) {
+        return Err(ApiError::forbidden(format!(
+            "{why} with `keel passwd` (POST /api/v1/password with username, current_password \
+             and new_password)"
+        ))
+        .into_response());
+    }
     // Sessions that ended are forgotten as new ones begin.
     let now = now();
     for old in keel
@@ -101,8 +192,130 @@ pub async fn login(
         let _ = keel.tokens.remove(&old.id);
     }
     let ttl = keel.config.session_ttl.as_secs().max(1);
-    let token = issue(&keel, &user, TokenKind::Session, "login", ttl)?;
+    let token = issue(keel, &user, TokenKind::Session, "login", ttl).map_err(|e| e.into_response())?;
     Ok(Json(serde_json::to_value(token).unwrap_or_default()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePassword {
+    /// Default: the caller's own name.
+    #[serde(default)]
+    username: Option<String>,
+    current_password: String,
+    new_password: String,
+}
+
+/// Sets a new password; works without a token (an expired password cannot
+/// log in), so it checks the current password under the login throttle.
+/// The user's other sessions end.
+pub async fn change_password(
+    State(keel): State<Arc<Keel>>,
+    Source(source): Source,
+    caller: Option<Caller>,
+    Body(req): Body<ChangePassword>,
+) -> Response {
+    let Some(username) = req
+        .username
+        .clone()
+        .or_else(|| caller.as_ref().map(|c| c.user.name.clone()))
+    else {
+        return ApiError::bad_request("Give username (or log in first)").into_response();
+    };
+    let audited: String = username.chars().take(64).collect();
+    let mut response = match change_inner(&keel, source, caller, &username, req).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(r) => r,
+    };
+    response.extensions_mut().insert(AuditUser(audited));
+    response
+}
+
+async fn change_inner(
+    keel: &Arc<Keel>,
+    source: Option<IpAddr>,
+    caller: Option<Caller>,
+    username: &str,
+    req: ChangePassword,
+) -> Result<(), Response> {
+    let user = check_password(keel, username, &req.current_password, source).await?;
+    if req.new_password == req.current_password {
+        return Err(ApiError::bad_request("The new password must differ from the current one").into_response());
+    }
+    keel.config
+        .password_policy
+        .check(&req.new_password)
+        .map_err(|e| ApiError::bad_request(e).into_response())?;
+    let keep = caller.filter(|c| c.user.id == user.id).map(|c| c.token);
+    set_password(keel, &user, req.new_password, false, keep.as_deref()).await?;
+    if user.name == "admin" {
+        // The printed first password is no longer the admin's.
+        let _ = std::fs::remove_file(keel.paths.admin_password());
+    }
+    Ok(())
+}
+
+/// Stores a new password hash and ends the user's sessions (but `keep`).
+async fn set_password(
+    keel: &Keel,
+    user: &User,
+    password: String,
+    must_change: bool,
+    keep: Option<&str>,
+) -> Result<(), Response> {
+    let hash = keel.passwords.hash(password).await.map_err(password_error)?;
+    keel.users
+        .update::<StoreError>(&user.id, |u| {
+            u.password_hash = hash;
+            u.password_changed_at = now();
+            u.must_change_password = must_change;
+            Ok(())
+        })
+        .map_err(|e| ApiError::from(e).into_response())?
+        .ok_or_else(|| ApiError::not_found("The user was deleted").into_response())?;
+    for t in keel
+        .tokens
+        .filter(|t| t.user == user.id && t.kind == TokenKind::Session && Some(t.id.as_str()) != keep)
+    {
+        let _ = keel.tokens.remove(&t.id);
+    }
+    keel.login_throttle.clear_user(&user.name);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetPassword {
+    password: String,
+    /// Make the user choose a new one at their next login (default true).
+    #[serde(default)]
+    must_change: Option<bool>,
+}
+
+/// A system admin sets another user's password (and lifts a lockout).
+pub async fn reset_password(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(req): Body<ResetPassword>,
+) -> Result<StatusCode, Response> {
+    caller
+        .require_system_admin()
+        .map_err(IntoResponse::into_response)?;
+    let user = find_user(&keel, &id).map_err(IntoResponse::into_response)?;
+    keel.config
+        .password_policy
+        .check(&req.password)
+        .map_err(|e| ApiError::bad_request(e).into_response())?;
+    set_password(
+        &keel,
+        &user,
+        req.password,
+        req.must_change.unwrap_or(true),
+        None,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn logout(State(keel): State<Arc<Keel>>, caller: Caller) -> ApiResult<StatusCode> {
@@ -118,24 +331,40 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     name: String,
+    /// Days until it stops working (default: never).
+    #[serde(default)]
+    expires_in_days: Option<u32>,
 }
 
 pub async fn create_token(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateToken>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<Response> {
     if !valid_name(&req.name) {
         return Err(ApiError::bad_request(format!(
             "Token name {:?} is invalid: use 1-63 lowercase letters, digits and dashes",
             req.name
         )));
     }
-    let token = issue(&keel, &caller.user, TokenKind::Api, &req.name, 0)?;
-    Ok((
+    let ttl = match req.expires_in_days {
+        None => 0,
+        Some(days @ 1..=3650) => u64::from(days) * 86400,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "expires_in_days must be 1 to 3650 (leave it out for a token that does not expire)",
+            ));
+        }
+    };
+    let token = issue(&keel, &caller.user, TokenKind::Api, &req.name, ttl)?;
+    let mut response = (
         StatusCode::CREATED,
         Json(serde_json::to_value(token).unwrap_or_default()),
-    ))
+    )
+        .into_response();
+    // Shown once: never kept for an Idempotency-Key replay.
+    response.extensions_mut().insert(SecretReply);
+    Ok(response)
 }
 
 pub async fn list_tokens(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<Value> {
@@ -143,7 +372,7 @@ pub async fn list_tokens(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<
         .tokens
         .filter(|t| t.user == caller.user.id && t.kind == TokenKind::Api)
         .iter()
-        .map(|t| json!({"id": t.id, "name": t.name, "created_at": t.created_at}))
+        .map(|t| json!({"id": t.id, "name": t.name, "created_at": t.created_at, "expires_at": t.expires_at}))
         .collect();
     Json(json!(tokens))
 }
@@ -194,27 +423,42 @@ pub async fn create_user(
             req.name
         )));
     }
-    if req.password.len() < 8 || req.password.len() > 1024 {
-        return Err(ApiError::bad_request(
-            "The password must be 8 to 1024 characters",
-        ));
-    }
+    keel.config
+        .password_policy
+        .check(&req.password)
+        .map_err(ApiError::bad_request)?;
+    let taken = req.name.clone();
+    let exists = || ApiError::conflict(format!("User {taken} exists"));
     if keel.users.find(|u| u.name == req.name).is_some() {
-        return Err(ApiError::conflict(format!("User {} exists", req.name)));
+        return Err(exists());
     }
-    let password = req.password.clone();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+    let hash = keel
+        .passwords
+        .hash(req.password.clone())
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let user = keel.users.insert(User {
-        id: new_id("user"),
-        name: req.name,
-        password_hash: hash,
-        system_admin: req.system_admin,
-        memberships: vec![],
-        created_at: now(),
-    })?;
+        .map_err(|e| match e {
+            PasswordError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+            e => ApiError::internal(e.to_string()),
+        })?;
+    // Checked again with the write: the hash took a while, and another
+    // request for the same name may have got there first.
+    let name = req.name.clone();
+    let user = keel
+        .users
+        .insert_unique(
+            User {
+                id: new_id("user"),
+                name: req.name,
+                password_hash: hash,
+                system_admin: req.system_admin,
+                memberships: vec![],
+                created_at: now(),
+                password_changed_at: now(),
+                must_change_password: false,
+            },
+            |u| u.name == name,
+        )?
+        .map_err(|_| exists())?;
     Ok((StatusCode::CREATED, Json(user_view(&user))))
 }
 
@@ -355,4 +599,39 @@ pub async fn remove_member(
         Ok(())
     })?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn get_quota(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let project = caller.project(&keel, Some(&id), Access::Read)?;
+    let quota = keel
+        .projects
+        .get(&project)
+        .map(|p| p.quota.clone())
+        .unwrap_or_default();
+    Ok(Json(
+        json!({"project": project, "quota": quota, "usage": crate::quota::usage(&keel, &project)}),
+    ))
+}
+
+pub async fn set_quota(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(quota): Body<Quota>,
+) -> ApiResult<Json<Value>> {
+    caller.require_system_admin()?;
+    let updated = keel
+        .projects
+        .update::<StoreError>(&id, |p| {
+            p.quota = quota;
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found(format!("No project {id}")))?;
+    Ok(Json(
+        json!({"project": updated.id, "quota": updated.quota, "usage": crate::quota::usage(&keel, &updated.id)}),
+    ))
 }

@@ -5,20 +5,23 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::Json;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
+use serde_json::json;
 
 use super::access::find_vm;
-use super::{ApiResult, Caller};
+use super::idempotency::SecretReply;
+use super::{ApiError, ApiResult, Caller};
 use crate::agent;
 use crate::agent::process::{VmFiles, serial_tail, tail};
-use crate::auth::Access;
+use crate::auth::{Access, tickets};
 use crate::keel::Keel;
 
 /// What a new console session is shown of the past.
@@ -31,6 +34,9 @@ pub struct Params {
     project: Option<String>,
     #[serde(default)]
     bytes: Option<u64>,
+    /// A console ticket, for browsers (which cannot send a header).
+    #[serde(default)]
+    ticket: Option<String>,
 }
 
 pub async fn serial_log(
@@ -47,16 +53,77 @@ pub async fn serial_log(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 
-pub async fn websocket(
+/// A ticket that opens this VM's console once, within a minute, as the
+/// caller: `GET vms/{id}/console?ticket=...`.
+pub async fn ticket(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<Params>,
-    upgrade: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    let Some(secret) = keel
+        .console_tickets
+        .issue(&caller.user.id, &vm.id, Instant::now())
+    else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many console tickets outstanding; try again in a minute",
+        ));
+    };
+    let mut response = (
+        StatusCode::CREATED,
+        Json(json!({
+            "ticket": secret,
+            "expires_in": tickets::TTL.as_secs(),
+            "path": format!("/api/v1/vms/{}/console?ticket={secret}", vm.id),
+        })),
+    )
+        .into_response();
+    response.extensions_mut().insert(SecretReply);
+    Ok(response)
+}
+
+pub async fn websocket(
+    State(keel): State<Arc<Keel>>,
+    caller: Option<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<Params>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let unauthenticated = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Open the console with `Authorization: Bearer TOKEN`, or with ?ticket= from POST \
+             /api/v1/vms/{id}/console/ticket (single use, 60 s)",
+        )
+    };
+    let (caller, ticket_vm) = match (caller, &q.ticket) {
+        (Some(caller), _) => (caller, None),
+        (None, Some(secret)) => {
+            let (user, vm) = keel
+                .console_tickets
+                .redeem(secret, Instant::now())
+                .ok_or_else(unauthenticated)?;
+            let user = keel.users.get(&user).ok_or_else(unauthenticated)?;
+            (
+                Caller {
+                    user,
+                    token: String::new(),
+                },
+                Some(vm),
+            )
+        }
+        (None, None) => return Err(unauthenticated()),
+    };
+    let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    if ticket_vm.is_some_and(|t| t != vm.id) {
+        return Err(unauthenticated());
+    }
     let files = agent::files(&keel, &vm.id);
-    Ok(upgrade.on_upgrade(move |socket| session(socket, files)))
+    // Pings make a live client answer before keeld's client timeout.
+    let ping_every = keel.config.client_timeout / 3;
+    Ok(upgrade.on_upgrade(move |socket| session(socket, files, ping_every)))
 }
 
 /// Keys for the VMM's terminal: its escape key (Ctrl-A) is doubled, so a
@@ -72,7 +139,7 @@ pub fn escape_keys(keys: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn session(socket: WebSocket, files: VmFiles) {
+async fn session(socket: WebSocket, files: VmFiles, ping_every: Duration) {
     let (serial, input) = (files.serial(), files.console_in());
     let (mut tx, mut rx) = socket.split();
     let (backlog, mut offset) = tail(&serial, BACKLOG);
@@ -80,8 +147,15 @@ async fn session(socket: WebSocket, files: VmFiles) {
         return;
     }
     let output = async move {
+        let mut pinged = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(POLL).await;
+            if pinged.elapsed() >= ping_every {
+                pinged = tokio::time::Instant::now();
+                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
             let size = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
             if size < offset {
                 // Rotated: what came after `offset` is at the end of the

@@ -1,13 +1,19 @@
 //! `Idempotency-Key`: a mutating request sent again with the same key (by
 //! the same user) gets the first answer again instead of being run twice.
 //! Concurrent requests with one key wait for the first; a key reused for a
-//! different request is refused.
+//! different request (method, path or body) is refused with 422.
+//!
+//! Only answers that succeeded (2xx) are kept: a refused request changed
+//! nothing, so running it again is harmless, and a caller without the right
+//! to act cannot fill the store. Kept answers expire after a day, and each
+//! user keeps at most [`MAX_PER_USER`]. An answer that showed a secret
+//! once (a new API token) is kept without it; its replay says so.
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -17,11 +23,21 @@ use crate::keel::Keel;
 use crate::model::{IdempotentReply, now};
 
 pub const HEADER: &str = "idempotency-key";
+/// Request bodies hashed into the fingerprint are at most this large; a
+/// longer one (a streamed upload with a Content-Length) is matched by its
+/// length.
+const MAX_HASHED_BODY: usize = 1 << 20;
 /// Answers kept for replay are at most this large.
 const MAX_BODY: usize = 1 << 20;
 /// Keys are remembered this long (a client retrying after a day is making
 /// a new request).
 const KEEP_SECS: u64 = 24 * 3600;
+/// Answers kept per user; the oldest go first.
+pub const MAX_PER_USER: usize = 1000;
+
+/// Set by a handler whose answer shows a secret once.
+#[derive(Clone, Copy)]
+pub struct SecretReply;
 
 pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> Response {
     let mutating = matches!(
@@ -44,6 +60,19 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
     let id = hex::encode(Sha256::digest(format!("{}\n{key}", caller.user.id)));
     let method = req.method().to_string();
     let path = req.uri().to_string();
+    let (req, body_part) = match body_for_fingerprint(req).await {
+        Ok(split) => split,
+        Err(e) => return e.into_response(),
+    };
+    let fingerprint = {
+        let mut h = Sha256::new();
+        for part in [method.as_bytes(), path.as_bytes(), caller.user.id.as_bytes()] {
+            h.update(part);
+            h.update(b"\n");
+        }
+        h.update(&body_part);
+        hex::encode(h.finalize())
+    };
     let lock = keel
         .idempotency_locks
         .lock()
@@ -51,12 +80,69 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
         .entry(id.clone())
         .or_default()
         .clone();
-    let _guard = lock.lock().await;
+    let response = {
+        let _guard = lock.lock().await;
+        run_once(&keel, req, next, &key, id.clone(), &caller, fingerprint).await
+    };
+    // The lock goes with its last user, so the map holds only keys in use.
+    let mut locks = keel
+        .idempotency_locks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    drop(lock);
+    if locks.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
+        locks.remove(&id);
+    }
+    response
+}
+
+/// What of the body goes into the fingerprint: the body itself when it is
+/// small (and the request carries it on), else its declared length.
+async fn body_for_fingerprint(req: Request) -> Result<(Request, Vec<u8>), ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared
+        && len > MAX_HASHED_BODY as u64
+    {
+        return Ok((req, format!("length:{len}").into_bytes()));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_HASHED_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "A request with an Idempotency-Key and no Content-Length may carry at most 1 \
+                 MiB; give the Content-Length of a larger upload",
+            )
+        })?;
+    let mut fp = b"body:".to_vec();
+    fp.extend_from_slice(&bytes);
+    Ok((Request::from_parts(parts, Body::from(bytes)), fp))
+}
+
+async fn run_once(
+    keel: &Keel,
+    req: Request,
+    next: Next,
+    key: &str,
+    id: String,
+    caller: &Caller,
+    fingerprint: String,
+) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().to_string();
     if let Some(first) = keel.idempotency.get(&id) {
-        if first.method != method || first.path != path {
+        let same = first.method == method
+            && first.path == path
+            && (first.fingerprint.is_empty() || first.fingerprint == fingerprint);
+        if !same {
             return ApiError::unprocessable(format!(
-                "Idempotency-Key {key:?} was used for {} {}; use a new key for a different \
-                 request",
+                "Idempotency-Key {key:?} was used for another request ({} {}, or another \
+                 body); use a new key for a different request",
                 first.method, first.path
             ))
             .into_response();
@@ -64,6 +150,10 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
         return replay(&first);
     }
     let response = next.run(req).await;
+    if !response.status().is_success() {
+        return response;
+    }
+    let secret = response.extensions().get::<SecretReply>().is_some();
     let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
@@ -72,33 +162,69 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
                 .into_response();
         }
     };
-    // Server errors may be transient: a retry with the same key runs again.
-    if !parts.status.is_server_error() {
-        let reply = IdempotentReply {
-            id,
-            method,
-            path,
-            status: parts.status.as_u16(),
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-            created_at: now(),
-        };
-        let cutoff = now().saturating_sub(KEEP_SECS);
-        for old in keel.idempotency.filter(|r| r.created_at < cutoff) {
-            let _ = keel.idempotency.remove(&old.id);
-        }
-        if let Err(e) = keel.idempotency.insert(reply) {
-            log::error!("Cannot keep the answer for Idempotency-Key {key:?}: {e}");
-        }
+    let kept = if secret {
+        redact(&bytes)
+    } else {
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    forget_old(keel, &caller.user.id);
+    let reply = IdempotentReply {
+        id,
+        user: caller.user.id.clone(),
+        method,
+        path,
+        fingerprint,
+        status: parts.status.as_u16(),
+        body: kept,
+        secret,
+        created_at: now(),
+    };
+    if let Err(e) = keel.idempotency.insert(reply) {
+        log::error!("Cannot keep the answer for Idempotency-Key {key:?}: {e}");
     }
     Response::from_parts(parts, Body::from(bytes))
 }
 
+/// The answer without its secret: the top-level `token` goes.
+fn redact(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("token");
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => "{}".into(),
+    }
+}
+
+/// Expired answers go, and the user's oldest past their allowance.
+fn forget_old(keel: &Keel, user: &str) {
+    let cutoff = now().saturating_sub(KEEP_SECS);
+    for old in keel.idempotency.filter(|r| r.created_at < cutoff) {
+        let _ = keel.idempotency.remove(&old.id);
+    }
+    let mut mine = keel.idempotency.filter(|r| r.user == user);
+    if mine.len() >= MAX_PER_USER {
+        mine.sort_by_key(|r| r.created_at);
+        for old in &mine[..=mine.len() - MAX_PER_USER] {
+            let _ = keel.idempotency.remove(&old.id);
+        }
+    }
+}
+
 fn replay(first: &IdempotentReply) -> Response {
+    if first.secret {
+        return ApiError::conflict(format!(
+            "This request already succeeded, and its answer showed a secret only once: {}; \
+             if the secret was lost, revoke it and make a new one with a new key",
+            first.body
+        ))
+        .into_response();
+    }
     let status = StatusCode::from_u16(first.status).unwrap_or(StatusCode::OK);
     let mut response = (status, first.body.clone()).into_response();
     let headers = response.headers_mut();
     headers.insert(
-        axum::http::header::CONTENT_TYPE,
+        header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));

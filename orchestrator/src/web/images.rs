@@ -143,7 +143,9 @@ pub async fn create(
             p,
         )?)),
         (None, Some(u), false) => {
-            images::parse_http_url(u).map_err(ApiError::bad_request)?;
+            images::check_url(&keel, u)
+                .await
+                .map_err(ApiError::bad_request)?;
             Some(Source::Url(u.clone()))
         }
         (None, None, true) => None,
@@ -338,5 +340,7 @@ pub async fn remove(
         let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
     }
     keel.images.remove(&image.id)?;
+    // After the record is gone, so a download that starts now sees it.
+    images::cancel_download(&image.id);
     Ok(StatusCode::NO_CONTENT)
 }

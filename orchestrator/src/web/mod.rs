@@ -16,6 +16,7 @@ mod idempotency;
 mod images;
 mod misc;
 mod openapi;
+pub mod server;
 mod vms;
 
 use std::collections::BTreeMap;
@@ -166,6 +167,12 @@ pub fn routes() -> Vec<Route> {
             post(auth_api::logout),
         ),
         r(
+            "POST",
+            "/api/v1/password",
+            "Change a password (yours, or give username: works with an expired one)",
+            post(auth_api::change_password),
+        ),
+        r(
             "GET",
             "/api/v1/whoami",
             "The caller and their roles",
@@ -208,6 +215,12 @@ pub fn routes() -> Vec<Route> {
             delete(auth_api::delete_user),
         ),
         r(
+            "PUT",
+            "/api/v1/users/{id}/password",
+            "Reset a user's password and lift a lockout (system admins)",
+            put(auth_api::reset_password),
+        ),
+        r(
             "GET",
             "/api/v1/projects",
             "Projects the caller belongs to",
@@ -224,6 +237,18 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/projects/{id}",
             "Delete an empty project (system admins)",
             delete(auth_api::delete_project),
+        ),
+        r(
+            "GET",
+            "/api/v1/projects/{id}/quota",
+            "A project's quota and what it uses",
+            get(auth_api::get_quota),
+        ),
+        r(
+            "PUT",
+            "/api/v1/projects/{id}/quota",
+            "Set a project's quota (system admins)",
+            put(auth_api::set_quota),
         ),
         r(
             "PUT",
@@ -446,9 +471,15 @@ pub fn routes() -> Vec<Route> {
             get(console::serial_log),
         ),
         r(
+            "POST",
+            "/api/v1/vms/{id}/console/ticket",
+            "A single-use ticket (60 s) to open the console from a browser",
+            post(console::ticket),
+        ),
+        r(
             "GET",
             "/api/v1/vms/{id}/console",
-            "The serial console, interactive, over a WebSocket",
+            "The serial console, interactive, over a WebSocket (bearer token or ?ticket=)",
             get(console::websocket),
         ),
     ]

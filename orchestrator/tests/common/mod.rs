@@ -42,6 +42,8 @@ pub struct Keeld {
     pub vmm: PathBuf,
     /// RLIMIT_NOFILE (soft, hard) keeld starts with, when a test sets it.
     pub nofile: Option<(u64, u64)>,
+    /// Environment variables keeld starts with besides the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -72,6 +74,7 @@ impl Keeld {
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             vmm,
             nofile: None,
+            env: Vec::new(),
         };
         std::fs::create_dir_all(k.import_dir()).unwrap();
         let out = k.spawn();
@@ -127,6 +130,7 @@ impl Keeld {
             .arg(&self.vmm)
             .args(["--stop-timeout", "2", "--cpu-overcommit", "16", "-v"])
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -262,6 +266,27 @@ impl Keeld {
             }
         }
         pids
+    }
+
+    /// Stops keeld and starts it again (same data dir, same admin session)
+    /// with these environment variables.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn();
+    }
+
+    /// A keeld started with RLIMIT_NOFILE (soft, hard): set up as
+    /// [`Keeld::start_with`] does, then started again under that limit.
+    pub fn start_with_nofile(name: &str, extra: &[&str], nofile: (u64, u64)) -> Keeld {
+        let mut k = Self::start_with(name, extra);
+        k.kill9();
+        k.nofile = Some(nofile);
+        k.spawn();
+        k
     }
 }
 

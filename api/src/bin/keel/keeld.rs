@@ -799,11 +799,18 @@ pub fn console(common: &Common, vm: &str) -> Result<(), Error> {
     let info = c.get(&format!("/api/v1/vms/{vm}{}", q(common)))?;
     let id = info["id"].as_str().unwrap_or(vm).to_string();
     let url = format!(
-        "{}/api/v1/vms/{id}/console?access_token={}",
+        "{}/api/v1/vms/{id}/console",
         c.server().replacen("http://", "ws://", 1),
-        c.token().unwrap_or_default()
     );
-    let (ws, _) = tungstenite::connect(url)
+    // The token goes in the header, never in the URL.
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url)
+        .map_err(|e| Error::Input(format!("cannot open the console: {e}")))?;
+    if let Some(token) = c.token()
+        && let Ok(value) = format!("Bearer {token}").parse()
+    {
+        request.headers_mut().insert("authorization", value);
+    }
+    let (ws, _) = tungstenite::connect(request)
         .map_err(|e| Error::Input(format!("cannot open the console: {e}")))?;
     let ws = std::sync::Arc::new(std::sync::Mutex::new(ws));
     eprintln!("Connected to {vm}'s serial console; Ctrl-] quits.");

@@ -11,6 +11,10 @@ use thiserror::Error;
 
 use crate::model::{Role, User};
 
+pub mod password;
+pub mod throttle;
+pub mod tickets;
+
 #[derive(Debug, Error)]
 pub enum AuthError {
     #[error("Cannot hash the password: {0}")]
