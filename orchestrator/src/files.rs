@@ -124,6 +124,7 @@ fn sparse_copy(
 }
 
 /// Creates an empty (sparse) file of `size` bytes; `to` must not exist.
+/// A size the file system refuses leaves no file behind.
 pub fn create_blank(to: &Path, size: u64) -> Result<(), FileError> {
     let file = OpenOptions::new()
         .write(true)
@@ -134,11 +135,26 @@ pub fn create_blank(to: &Path, size: u64) -> Result<(), FileError> {
             path: to.display().to_string(),
             source,
         })?;
-    file.set_len(size).map_err(|source| FileError::Resize {
-        path: to.display().to_string(),
-        size,
-        source,
+    file.set_len(size).map_err(|source| {
+        let _ = std::fs::remove_file(to);
+        FileError::Resize {
+            path: to.display().to_string(),
+            size,
+            source,
+        }
     })
+}
+
+/// An error with its causes, one line.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Grows a file to `size` bytes (the new part reads as zeros).
@@ -194,6 +210,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// Makes a tree keeld's alone: directories 0700, everything else 0600
+/// (what an older keeld or a wider umask left is tightened at start).
+/// Symbolic links are left alone, never followed.
+pub fn restrict_tree(root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(root)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let want = if meta.is_dir() { 0o700 } else { 0o600 };
+    if meta.permissions().mode() & 0o7777 != want {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(want))?;
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(root)? {
+            restrict_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends nothing but moves to the end: for tailing logs.

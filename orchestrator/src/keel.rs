@@ -201,6 +201,10 @@ impl Keel {
                 source,
             })?;
         }
+        crate::files::restrict_tree(&paths.root).map_err(|source| StartError::DataDir {
+            path: paths.root.display().to_string(),
+            source,
+        })?;
         let import_roots = crate::host_files::ImportRoots::new(&config.import_dirs, &paths.root)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&paths.database())?);
         let keel = Arc::new(Keel {
@@ -228,8 +232,25 @@ impl Keel {
             paths,
             config,
         });
+        keel.scrub_legacy_secrets()?;
         let password = keel.first_start()?;
         Ok((keel, password))
+    }
+
+    /// Root passwords an older keeld kept in VM records are rewritten out
+    /// of the store (the seeds already hold them).
+    fn scrub_legacy_secrets(&self) -> Result<(), StoreError> {
+        for vm in self
+            .vms
+            .filter(|vm| vm.guest_init.legacy_root_password.is_some())
+        {
+            self.vms.update::<StoreError>(&vm.id, |vm| {
+                vm.guest_init.legacy_root_password = None;
+                vm.guest_init.root_password_set = true;
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     fn first_start(&self) -> Result<Option<String>, StartError> {

@@ -110,6 +110,10 @@ fn main() -> ExitCode {
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
+    // Everything keeld creates (store, images, disks, seeds with root
+    // passwords, logs, sockets) is its own: 0600 files, 0700 directories.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let logger = Box::leak(Box::new(StderrLogger(level)));
     let _ = log::set_logger(logger).map(|()| log::set_max_level(level));
 
@@ -177,7 +181,7 @@ fn main() -> ExitCode {
         let (keel, password) = match Keel::open(config) {
             Ok(opened) => opened,
             Err(e) => {
-                eprintln!("keeld: {}", chain(&e));
+                eprintln!("keeld: {}", keel_orchestrator::files::chain(&e));
                 return ExitCode::from(1);
             }
         };
@@ -226,15 +230,4 @@ fn main() -> ExitCode {
         web::server::serve(listener, app, limits, shutdown).await;
         ExitCode::SUCCESS
     })
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -264,9 +264,14 @@ pub enum PowerState {
 pub struct GuestInit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// Only whether one was given is ever shown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub root_password: Option<String>,
+    /// Whether a root password was given. The password itself is written
+    /// only into the VM's 0600 cloud-init seed, never into the store.
+    #[serde(default)]
+    pub root_password_set: bool,
+    /// A password stored by an older keeld: read once at start to be
+    /// scrubbed from the store, never written.
+    #[serde(default, rename = "root_password", skip_serializing)]
+    pub legacy_root_password: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_authorized_keys: Vec<String>,
 }

@@ -20,10 +20,10 @@ pub fn meta_data(instance_id: &str, hostname: &str) -> String {
     )
 }
 
-pub fn user_data(init: &GuestInit, hostname: &str) -> String {
+pub fn user_data(init: &GuestInit, root_password: Option<&str>, hostname: &str) -> String {
     let mut out = String::from("#cloud-config\n");
     out.push_str(&format!("hostname: {}\n", yaml(hostname)));
-    if let Some(password) = &init.root_password {
+    if let Some(password) = root_password {
         // Root logs in with the password given (console and, where the
         // image allows it, SSH).
         out.push_str("disable_root: false\nssh_pwauth: true\n");
@@ -42,15 +42,17 @@ pub fn user_data(init: &GuestInit, hostname: &str) -> String {
     out
 }
 
-/// Writes the seed ISO for a VM to `iso`.
+/// Writes the seed ISO for a VM to `iso` (mode 0600: it may hold the root
+/// password).
 pub fn build(
     iso: &Path,
     instance_id: &str,
     hostname: &str,
     init: &GuestInit,
+    root_password: Option<&str>,
 ) -> Result<(), String> {
     let meta = meta_data(instance_id, hostname);
-    let user = user_data(init, hostname);
+    let user = user_data(init, root_password, hostname);
     let image = crate::iso9660::build(
         "cidata",
         &[
@@ -70,15 +72,16 @@ mod tests {
     fn user_data_carries_password_and_keys_quoted() {
         let init = GuestInit {
             hostname: Some("web".into()),
-            root_password: Some("p\"w: x".into()),
+            root_password_set: true,
+            legacy_root_password: None,
             ssh_authorized_keys: vec!["ssh-ed25519 AAAA me@host".into()],
         };
-        let text = user_data(&init, "web");
+        let text = user_data(&init, Some("p\"w: x"), "web");
         assert!(text.starts_with("#cloud-config\n"));
         assert!(text.contains("hostname: \"web\""));
         assert!(text.contains(r#"password: "p\"w: x""#));
         assert!(text.contains("- \"ssh-ed25519 AAAA me@host\""));
-        assert!(!user_data(&GuestInit::default(), "h").contains("chpasswd"));
+        assert!(!user_data(&GuestInit::default(), None, "h").contains("chpasswd"));
     }
 
     /// Read back with isoinfo (package genisoimage), an independent reader.
@@ -91,12 +94,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keel-seed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let iso = dir.join("seed.iso");
-        let init = GuestInit {
-            hostname: None,
-            root_password: Some("secret".into()),
-            ssh_authorized_keys: vec![],
-        };
-        build(&iso, "vm-1", "box", &init).unwrap();
+        let init = GuestInit::default();
+        build(&iso, "vm-1", "box", &init, Some("secret")).unwrap();
         let label = Command::new("isoinfo")
             .arg("-d")
             .arg("-i")

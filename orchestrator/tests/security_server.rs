@@ -86,7 +86,7 @@ fn allow_open_files(n: u64) {
 
 /// Whether keeld has closed this connection (EOF or reset) — without
 /// waiting; a connection keeld holds has nothing to read.
-fn closed_by_keeld(s: &mut TcpStream) -> bool {
+fn closed_by_keeld(mut s: &TcpStream) -> bool {
     let _ = s.set_nonblocking(true);
     let mut buf = [0u8; 4096];
     loop {
@@ -105,7 +105,8 @@ fn closed_by_keeld(s: &mut TcpStream) -> bool {
 /// or None if it stayed open until `limit`.
 fn wait_closed(s: &mut TcpStream, limit: Duration) -> Option<Instant> {
     let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = [0u8; 4096];
     while start.elapsed() < limit {
         match s.read(&mut buf) {
@@ -222,7 +223,7 @@ fn slowloris_from_one_source_does_not_lock_out_others() {
     let mut held = FLOOD;
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(10) {
-        held = flood.iter_mut().filter(|s| !closed_by_keeld(s)).count();
+        held = flood.iter().filter(|s| !closed_by_keeld(s)).count();
         if held <= PER_SOURCE {
             break;
         }
@@ -275,8 +276,10 @@ fn assert_stalled_connections_closed(k: &Keeld, limit: Duration) {
     let body_sent = Instant::now();
     let mut idle = TcpStream::connect(addr).unwrap();
     idle.write_all(
-        format!("GET /api/v1/whoami HTTP/1.1\r\nHost: keeld\r\nAuthorization: Bearer {token}\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "GET /api/v1/whoami HTTP/1.1\r\nHost: keeld\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .unwrap();
     let answer = read_response(&mut idle);
@@ -346,10 +349,31 @@ fn open_file_limit_is_raised_at_start() {
     assert_eq!(numbers[0], hard.to_string(), "{line}");
     assert_eq!(numbers[1], hard.to_string(), "{line}");
     assert!(
-        k.log().contains(&format!("Open file limit: {hard} (was 1024)")),
+        k.log()
+            .contains(&format!("Open file limit: {hard} (was 1024)")),
         "{}",
         k.log()
     );
+}
+
+type Console = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+/// Reads a console for `how_long`; returns the output seen, or the error
+/// that ended the session.
+fn read_for(ws: &mut Console, how_long: Duration) -> Result<String, String> {
+    let until = Instant::now() + how_long;
+    let mut seen = String::new();
+    while Instant::now() < until {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Ok(tungstenite::Message::Close(_)) => return Err(format!("closed: {seen}")),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(seen)
 }
 
 #[test]
@@ -361,13 +385,17 @@ fn console_stays_open_past_the_client_timeout() {
         json!({"name": "c", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
     );
     let id = vm["id"].as_str().unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/api/v1/vms/{id}/console?access_token={}",
-        k.port,
-        k.admin.token().unwrap()
-    );
-    let open = |url: &str| {
-        let (mut ws, _) = tungstenite::connect(url).unwrap();
+    let url = format!("ws://127.0.0.1:{}/api/v1/vms/{id}/console", k.port);
+    let open = || {
+        let mut request =
+            tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", k.admin.token().unwrap())
+                .parse()
+                .unwrap(),
+        );
+        let (mut ws, _) = tungstenite::connect(request).unwrap();
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
@@ -375,26 +403,9 @@ fn console_stays_open_past_the_client_timeout() {
         ws
     };
     // One client reads (so tungstenite answers keeld's pings), one does not.
-    let mut live = open(&url);
-    let mut dead = open(&url);
+    let mut live = open();
+    let mut dead = open();
     let start = Instant::now();
-    // Reads for `how long`; returns the output seen, or the error that
-    // ended the session.
-    let read_for = |ws: &mut tungstenite::WebSocket<_>, how_long: Duration| {
-        let until = Instant::now() + how_long;
-        let mut seen = String::new();
-        while Instant::now() < until {
-            match ws.read() {
-                Ok(tungstenite::Message::Binary(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
-                Ok(tungstenite::Message::Close(_)) => return Err(format!("closed: {seen}")),
-                Ok(_) => {}
-                Err(tungstenite::Error::Io(e))
-                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Ok(seen)
-    };
     let seen = read_for(&mut live, Duration::from_secs(8)).expect("the console stayed open");
     assert!(ticks(&seen) > 0, "no output: {seen:?}");
     assert!(start.elapsed() >= Duration::from_secs(8));
@@ -406,6 +417,9 @@ fn console_stays_open_past_the_client_timeout() {
     // The client that never answered was disconnected (what it was sent
     // before is still buffered, then the end).
     let ended = read_for(&mut dead, Duration::from_secs(5));
-    assert!(ended.is_err(), "a console that answers no pings stayed open");
+    assert!(
+        ended.is_err(),
+        "a console that answers no pings stayed open"
+    );
     let _ = live.close(None);
 }

@@ -215,32 +215,54 @@ fn internal_addresses_are_refused_without_an_allow_rule() {
     );
 }
 
+/// Runs `keeld serve` with these arguments, which must make it stop at
+/// once; returns what it printed on stderr.
+fn keeld_refuses(dir: &Path, args: &[&str]) -> String {
+    let err_file = dir.join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keeld"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keeld started with {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert!(!status.success(), "{args:?}: {err}");
+    err
+}
+
 #[test]
 fn bad_allow_rules_stop_keeld_from_starting() {
     let dir = std::env::temp_dir().join(format!("keeld-test-url-allow-{}", std::process::id()));
-    for bad in ["127.0.0.1/8", "10.0.0.0/33", "localhost", "::/200"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keeld"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:1",
-                "--url-import-allow",
-                bad,
-            ])
-            .arg("--data-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{bad} was accepted: {err}");
-        assert!(err.contains("--url-import-allow"), "{bad}: {err}");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (bad, why) in [
+        ("127.0.0.1/8", "did you mean 127.0.0.0/8"),
+        ("10.0.0.0/33", "0 to 32"),
+        ("::/200", "0 to 128"),
+        ("localhost", "not an address block"),
+    ] {
+        let err = keeld_refuses(&dir, &["--url-import-allow", bad]);
+        assert!(
+            err.contains("--url-import-allow") && err.contains(why),
+            "{bad}: {err}"
+        );
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keeld"))
-        .args(["serve", "--url-import-timeout", "0", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let err = keeld_refuses(&dir, &["--url-import-timeout", "0"]);
+    assert!(err.contains("--url-import-timeout must be"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -395,18 +417,25 @@ fn sizes_are_checked_before_writing() {
     let id = r.body["image"]["id"].as_str().unwrap();
     assert!(!partial(&k, id).exists());
 
-    let small = stalling(
-        "HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n",
+    // 600 MiB declared and reserved (the space it takes is checked, but
+    // nothing is written: the server stalls).
+    let big = stalling(
+        "HTTP/1.1 200 OK\r\nContent-Length: 629145600\r\n\r\n",
         &[7u8; 4096],
     );
-    let first = import(&k.admin, "first", &format!("http://127.0.0.1:{small}/x"));
+    let first = import(&k.admin, "first", &format!("http://127.0.0.1:{big}/x"));
     let first_id = first.body["image"]["id"].as_str().unwrap();
     let start = Instant::now();
-    while image(&k.admin, first_id)["reserved"] != 1048576 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no reservation");
+    while image(&k.admin, first_id)["reserved"] != 629145600 {
+        let img = image(&k.admin, first_id);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reservation: {img}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let second = import(&k.admin, "second", &format!("http://127.0.0.1:{small}/x"));
+    // 600 MiB more: alone it would fit, with the first one it does not.
+    let second = import(&k.admin, "second", &format!("http://127.0.0.1:{big}/x"));
     let (op, _) = op_ends(&k.admin, &second.body, Duration::from_secs(5));
     assert_eq!(op["status"], "failed", "{op}");
     let error = op["error"].as_str().unwrap();
@@ -441,27 +470,77 @@ fn redirects_are_not_followed() {
     );
 }
 
-/// A self-signed certificate for 127.0.0.1 and localhost, made with the
-/// openssl CLI: (certificate, key) PEM files.
-fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
+/// Runs the openssl CLI (it makes the test's certificates).
+fn openssl(dir: &Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=keel test", "-addext"])
-        .args(["subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
+        .current_dir(dir)
+        .args(args)
         .output()
-        .expect("the openssl CLI makes the test's certificate: install openssl");
+        .expect("the openssl CLI makes the test's certificates: install openssl");
     assert!(
         out.status.success(),
-        "{}",
+        "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (cert, key)
+}
+
+/// A test CA and a server certificate it signed for 127.0.0.1 and
+/// localhost: (CA certificate, server certificate, server key) PEM files.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    let mut ca = vec!["req", "-x509", "-nodes", "-days", "2"];
+    ca.extend(ec);
+    ca.extend([
+        "-subj",
+        "/CN=keel test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-nodes"];
+    csr.extend(ec);
+    csr.extend([
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "1",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
 }
 
 /// An https server on 127.0.0.1 serving `data` at every path.
@@ -500,7 +579,7 @@ fn https_server(cert: &Path, key: &Path, data: Arc<Vec<u8>>) -> u16 {
 #[test]
 fn https_imports_check_the_certificate() {
     let mut k = Keeld::start_with("url-https", &["--url-import-allow", "127.0.0.0/8"]);
-    let (cert, key) = self_signed(&k.dir, "server");
+    let (ca, cert, key) = certificates(&k.dir);
     let data: Vec<u8> = (0..1u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -516,7 +595,7 @@ fn https_imports_check_the_certificate() {
     let error = op["error"].as_str().unwrap();
     assert!(error.contains("certificate"), "{error}");
 
-    k.restart_with_env(&[("SSL_CERT_FILE", cert.to_str().unwrap())]);
+    k.restart_with_env(&[("SSL_CERT_FILE", ca.to_str().unwrap())]);
     let r = import(&k.admin, "trusted", &url);
     assert_eq!(r.status, 202, "{}", r.text);
     let (op, _) = op_ends(&k.admin, &r.body, Duration::from_secs(20));

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::keel::Keel;
+use crate::quota::QuotaError;
 use crate::model::{ImageFormat, ImageStatus};
 use crate::operations::Progress;
 use crate::store::StoreError;
@@ -143,42 +144,92 @@ pub async fn import(
     result
 }
 
-/// Receives an upload's body (its length when the client gave one).
+/// Why an upload failed.
+#[derive(Debug)]
+pub enum UploadError {
+    /// Over the project's quota or the host's free space (its own status).
+    Room(QuotaError),
+    Failed(String),
+}
+
+/// How much of a failed upload's remaining body is read and dropped, so
+/// the client gets the error answer instead of a reset connection.
+const DRAIN_MAX: u64 = 256 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// Room is checked again each time this much more has arrived than was
+/// checked for.
+const ROOM_STEP: u64 = 64 << 20;
+
+/// Receives an upload's body (its length when the client gave one; its
+/// room was checked against the quota and free space for that length).
 pub async fn upload<S, E>(
     keel: Arc<Keel>,
     id: String,
+    project: &str,
     mut body: S,
     length: Option<u64>,
     expected_sha256: Option<String>,
-) -> Result<(), String>
+) -> Result<(), UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let partial = keel.paths.image_file(&id, "partial");
+    let mut checked = length.unwrap_or(0);
     let received = async {
-        let mut sink = Sink::create(&partial, length).await?;
+        let mut sink = Sink::create(&partial, length)
+            .await
+            .map_err(UploadError::Failed)?;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("The upload was cut short: {e}"))?;
-            sink.write(&chunk, &keel, &id, None).await?;
+            let chunk =
+                chunk.map_err(|e| UploadError::Failed(format!("The upload was cut short: {e}")))?;
+            if sink.written + chunk.len() as u64 > checked {
+                checked = sink.written + chunk.len() as u64 + ROOM_STEP;
+                crate::quota::check_image(&keel, project, &id, checked).map_err(UploadError::Room)?;
+            }
+            if let Err(e) = sink.write(&chunk, &keel, &id, None).await {
+                // A write that failed on a full file system is answered as such.
+                return Err(match crate::quota::check_space(&keel.paths.images(), 0) {
+                    Err(full) => UploadError::Room(full),
+                    Ok(()) => UploadError::Failed(e),
+                });
+            }
         }
         if let Some(length) = length
             && sink.written != length
         {
-            return Err(format!(
+            return Err(UploadError::Failed(format!(
                 "The upload was cut short: {} of {length} bytes arrived",
                 sink.written
-            ));
+            )));
         }
-        sink.finish().await
+        sink.finish().await.map_err(UploadError::Failed)
     }
     .await;
     let result = match received {
-        Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,
+        Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref())
+            .await
+            .map_err(UploadError::Failed),
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
-        fail(&keel, &id, e);
+        let reason = match e {
+            UploadError::Room(q) => q.to_string(),
+            UploadError::Failed(s) => s.clone(),
+        };
+        fail(&keel, &id, &reason);
+        // The rest of the body is read (within bounds) and dropped, so the
+        // client reads the answer.
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            let mut drained = 0u64;
+            while drained < DRAIN_MAX {
+                match body.next().await {
+                    Some(Ok(chunk)) => drained += chunk.len() as u64,
+                    _ => break,
+                }
+            }
+        })
+        .await;
     }
     result
 }

@@ -64,6 +64,10 @@ impl SqliteStore {
             .map_err(db("cannot enable WAL"))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db("cannot set synchronous"))?;
+        // What is deleted or overwritten (old records, expired replies) is
+        // zeroed, not left in free pages for a copy of the file to show.
+        conn.pragma_update(None, "secure_delete", "ON")
+            .map_err(db("cannot set secure_delete"))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db("cannot set busy timeout"))?;
         migrate(&mut conn)?;

@@ -186,7 +186,11 @@ pub fn find_disk(
 }
 
 /// Images: the owner project's members, and (to read and use) members of
-/// the projects it is shared with.
+/// the projects it is shared with. A name means the image of that name in
+/// the caller's project (`?project=`, default `default`) and nothing else:
+/// a shared image is named `OWNER-PROJECT/NAME` (or by id), so an image
+/// shared into a project can never stand in for one its members expect by
+/// name.
 pub fn find_image(
     keel: &Keel,
     caller: &Caller,
@@ -195,14 +199,13 @@ pub fn find_image(
     access: Access,
 ) -> ApiResult<Arc<Image>> {
     let p = project.unwrap_or(DEFAULT_PROJECT);
-    let image = keel.images.get(key).or_else(|| {
-        keel.images
-            .find(|i| i.name == key && i.project == p)
-            .or_else(|| {
-                keel.images
-                    .find(|i| i.name == key && i.shared_with.iter().any(|s| s == p))
-            })
-    });
+    let image = match key.split_once('/') {
+        Some((owner, name)) => keel.images.find(|i| i.project == owner && i.name == name),
+        None => keel
+            .images
+            .get(key)
+            .or_else(|| keel.images.find(|i| i.name == key && i.project == p)),
+    };
     let Some(image) = image else {
         return Err(ApiError::not_found(format!("No image {key}")));
     };

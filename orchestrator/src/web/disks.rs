@@ -96,6 +96,7 @@ pub async fn create(
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &project, &req.name)?;
     check_size(req.size_gib)?;
+    crate::quota::check_disks(&keel, &project, req.size_gib * GIB)?;
     let disk = Disk {
         id: new_id("disk"),
         project: project.clone(),
@@ -108,8 +109,12 @@ pub async fn create(
         readonly: req.readonly,
         created_at: now(),
     };
-    files::create_blank(&keel.paths.disk(&disk.id), disk.size)
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    files::create_blank(&keel.paths.disk(&disk.id), disk.size).map_err(|e| {
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("{}; nothing was created", crate::files::chain(&e)),
+        )
+    })?;
     let disk = keel.disks.insert(disk)?;
     let op = operations::start(
         &keel,
@@ -299,6 +304,7 @@ pub async fn resize(
             disk.size / GIB
         )));
     }
+    crate::quota::check_disks(&keel, &disk.project, size - disk.size)?;
     let running_vm = disk.vm.clone().filter(|vm| {
         keel.vms
             .get(vm)
@@ -358,6 +364,7 @@ pub async fn clone_disk(
             source.name
         )));
     }
+    crate::quota::check_disks(&keel, &source.project, source.size)?;
     let copy = keel.disks.insert(Disk {
         id: new_id("disk"),
         project: source.project.clone(),

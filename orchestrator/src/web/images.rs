@@ -136,12 +136,12 @@ pub async fn create(
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &project, &req.name)?;
     let source = match (&req.source.path, &req.source.url, req.source.upload) {
-        (Some(p), None, false) => Some(Source::File(open_host_file(
-            &keel,
-            &caller,
-            "source.path",
-            p,
-        )?)),
+        (Some(p), None, false) => {
+            let file = open_host_file(&keel, &caller, "source.path", p)?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            crate::quota::check_image(&keel, &project, "", size)?;
+            Some(Source::File(file))
+        }
         (None, Some(u), false) => {
             images::check_url(&keel, u)
                 .await
@@ -275,11 +275,39 @@ pub async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = length
+        && let Err(e) = crate::quota::check_image(&keel, &image.project, &image.id, length)
+    {
+        keel.images.update::<StoreError>(&image.id, |img| {
+            img.status_reason = "waiting for the upload".into();
+            Ok(())
+        })?;
+        return Err(e.into());
+    }
+    keel.images.update::<StoreError>(&image.id, |img| {
+        img.reserved = length.unwrap_or(0);
+        Ok(())
+    })?;
     let sha = (!image.sha256.is_empty()).then(|| image.sha256.clone());
     let stream = req.into_body().into_data_stream();
-    images::upload(keel.clone(), image.id.clone(), stream, length, sha)
-        .await
-        .map_err(ApiError::bad_request)?;
+    let uploaded = images::upload(
+        keel.clone(),
+        image.id.clone(),
+        &image.project,
+        stream,
+        length,
+        sha,
+    )
+    .await;
+    let _ = keel.images.update::<StoreError>(&image.id, |img| {
+        img.reserved = 0;
+        Ok(())
+    });
+    match uploaded {
+        Ok(()) => {}
+        Err(images::UploadError::Room(e)) => return Err(e.into()),
+        Err(images::UploadError::Failed(e)) => return Err(ApiError::bad_request(e)),
+    }
     let image = keel
         .images
         .get(&image.id)
@@ -301,9 +329,16 @@ pub async fn share(
     Body(req): Body<Share>,
 ) -> ApiResult<Json<Value>> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
+    // Only into projects the caller belongs to (ones it is shared with
+    // already may stay); others are not told apart from missing ones.
     for p in &req.projects {
-        if keel.projects.get(p).is_none() {
-            return Err(ApiError::bad_request(format!("No project {p}")));
+        let kept = image.shared_with.contains(p);
+        let member = crate::auth::role_in(&caller.user, p).is_some();
+        if keel.projects.get(p).is_none() || !(kept || member) {
+            return Err(ApiError::not_found(format!(
+                "No project {p} among yours: an image is shared only into projects you \
+                 belong to"
+            )));
         }
     }
     let updated = keel

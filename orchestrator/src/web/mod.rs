@@ -78,6 +78,17 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::quota::QuotaError> for ApiError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        match e {
+            crate::quota::QuotaError::Exceeded { .. } => ApiError::unprocessable(e.to_string()),
+            crate::quota::QuotaError::NoSpace { .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (

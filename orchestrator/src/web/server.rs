@@ -137,7 +137,10 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(why) => {
                 if let Some(n) = refused.tick() {
-                    log::warn!("Refused {n} connections, the last from {}: {why}", peer.ip());
+                    log::warn!(
+                        "Refused {n} connections, the last from {}: {why}",
+                        peer.ip()
+                    );
                 }
                 drop(stream);
                 continue;

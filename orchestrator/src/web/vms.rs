@@ -31,14 +31,9 @@ const MAX_DISK_GIB: u64 = 64 << 10;
 /// How long `vm.create` and `start` wait for the VMM to report the boot.
 const BOOT_WAIT: Duration = Duration::from_secs(120);
 
-/// A VM as shown: the root password only as whether one was given.
+/// A VM as shown.
 pub fn vm_view(vm: &Vm) -> Value {
-    let mut v = json!(vm);
-    if let Some(init) = v.get_mut("guest_init").and_then(|g| g.as_object_mut()) {
-        let set = init.remove("root_password").is_some();
-        init.insert("root_password_set".into(), json!(set));
-    }
-    v
+    json!(vm)
 }
 
 pub fn accepted(op: &Operation, kind: &str, resource: Value) -> (StatusCode, Json<Value>) {
@@ -276,6 +271,12 @@ pub async fn create(
             )));
         }
     }
+    crate::quota::check_vms(&keel, &project, 1, u64::from(vcpus), memory_mib)?;
+    let disk_bytes = req
+        .data_disks
+        .iter()
+        .fold(disk_gib * GIB, |sum, d| sum.saturating_add(d.size_gib * GIB));
+    crate::quota::check_disks(&keel, &project, disk_bytes)?;
     for (i, d) in req.data_disks.iter().enumerate() {
         if let Some(name) = &d.name
             && !valid_name(name)
@@ -358,7 +359,8 @@ pub async fn create(
         restart_policy: req.restart_policy,
         guest_init: GuestInit {
             hostname: Some(hostname),
-            root_password: req.root_password,
+            root_password_set: req.root_password.is_some(),
+            legacy_root_password: None,
             ssh_authorized_keys: req.ssh_authorized_keys,
         },
         desired: if start {
@@ -382,6 +384,7 @@ pub async fn create(
     let vm = keel.vms.insert(vm)?;
     let k = keel.clone();
     let id = vm_id.clone();
+    let root_password = req.root_password;
     let op = operations::start(
         &keel,
         &project,
@@ -389,7 +392,7 @@ pub async fn create(
         &vm_id,
         caller.name(),
         move |op| async move {
-            let result = provision(&k, &id, &image, &system, &data, &op).await;
+            let result = provision(&k, &id, &image, &system, &data, root_password, &op).await;
             if let Err(e) = &result {
                 agent::set_vm(&k, &id, |vm| {
                     vm.status = VmStatus::Error;
@@ -416,6 +419,7 @@ async fn provision(
     image: &Image,
     system: &Disk,
     data: &[Disk],
+    root_password: Option<String>,
     op: &operations::Progress,
 ) -> Result<(), String> {
     let from = keel.paths.image_disk(&image.id);
@@ -464,6 +468,7 @@ async fn provision(
         id,
         &hostname,
         &vm.guest_init,
+        root_password.as_deref(),
     )?;
     op.set(90);
     agent::set_vm(keel, id, |vm| {
@@ -683,6 +688,13 @@ pub async fn resize(
     memory_mib = req.memory_mib.unwrap_or(memory_mib);
     check_shape(vcpus, memory_mib)?;
     check_fits_host(vcpus, memory_mib)?;
+    crate::quota::check_vms(
+        &keel,
+        &vm.project,
+        0,
+        u64::from(vcpus).saturating_sub(u64::from(vm.vcpus.max(vm.pending_vcpus.unwrap_or(0)))),
+        memory_mib.saturating_sub(vm.memory_mib.max(vm.pending_memory_mib.unwrap_or(0))),
+    )?;
     let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
     let hot = running && agent::hot_resizable(&vm, vcpus, memory_mib);
     let flavor = req.flavor.clone();
@@ -807,6 +819,13 @@ pub async fn restore(
             vm.name
         )));
     }
+    crate::quota::check_vms(
+        &keel,
+        &vm.project,
+        1,
+        u64::from(vm.vcpus),
+        vm.memory_mib,
+    )?;
     let restored = keel
         .vms
         .update::<StoreError>(&vm.id, |v| {
@@ -916,6 +935,7 @@ pub async fn make_image(
         .disks
         .get(&vm.system_disk)
         .ok_or_else(|| ApiError::internal("The VM's system disk record is missing"))?;
+    crate::quota::check_image(&keel, &vm.project, "", disk.size)?;
     let image = keel.images.insert(Image {
         id: new_id("img"),
         project: vm.project.clone(),
