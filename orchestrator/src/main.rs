@@ -45,6 +45,19 @@ enum Command {
         /// import by upload or URL).
         #[arg(long = "import-dir", value_name = "DIR")]
         import_dirs: Vec<PathBuf>,
+        /// Wrong passwords in a row that lock an account (a source address
+        /// is locked after four times as many).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        login_lockout_failures: u32,
+        /// Minutes a locked account or address waits (15 to 1440).
+        #[arg(long, value_name = "MIN", default_value_t = 15)]
+        login_lockout_minutes: u64,
+        /// Shortest password users may set.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        password_min_length: usize,
+        /// Days after which a password must be changed (0: never).
+        #[arg(long, value_name = "DAYS", default_value_t = 0)]
+        password_max_age_days: u64,
         /// An address block URL imports may reach although it is loopback,
         /// link-local, multicast or this node's own, e.g. 127.0.0.0/8 or
         /// fd00::/8 (repeatable; none by default).
@@ -97,6 +110,10 @@ fn main() -> ExitCode {
                 stop_timeout,
                 serial_log_max_mib,
                 import_dirs,
+                login_lockout_failures,
+                login_lockout_minutes,
+                password_min_length,
+                password_max_age_days,
                 url_import_allow,
                 url_import_timeout,
                 header_timeout,
@@ -133,6 +150,24 @@ fn main() -> ExitCode {
     }
     config.serial_log_max = serial_log_max_mib << 20;
     config.import_dirs = import_dirs;
+    if !(1..=100).contains(&login_lockout_failures) || !(15..=1440).contains(&login_lockout_minutes)
+    {
+        eprintln!(
+            "keeld: --login-lockout-failures must be 1 to 100 and --login-lockout-minutes 15 to 1440"
+        );
+        return ExitCode::from(1);
+    }
+    config.login_throttle = keel_orchestrator::auth::throttle::Policy {
+        lockout_failures: login_lockout_failures,
+        lockout: Duration::from_secs(login_lockout_minutes * 60),
+    };
+    if !(8..=256).contains(&password_min_length) || password_max_age_days > 3650 {
+        eprintln!("keeld: --password-min-length must be 8 to 256, --password-max-age-days at most 3650");
+        return ExitCode::from(1);
+    }
+    config.password_policy.min_length = password_min_length;
+    config.password_max_age =
+        (password_max_age_days > 0).then(|| Duration::from_secs(password_max_age_days * 86400));
     if !(1..=3600).contains(&url_import_timeout) {
         eprintln!("keeld: --url-import-timeout must be 1 to 3600 seconds");
         return ExitCode::from(1);

@@ -423,3 +423,43 @@ fn console_stays_open_past_the_client_timeout() {
     );
     let _ = live.close(None);
 }
+
+#[test]
+fn a_long_poll_outlives_the_client_timeout() {
+    // An import from a server that stalls: its operation runs on.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in server.incoming() {
+            let Ok(mut s) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n");
+                let _ = s.write_all(&[0u8; 4096]);
+                std::thread::sleep(Duration::from_secs(30));
+            });
+        }
+    });
+    let k = Keeld::start_with(
+        "longpoll",
+        &["--client-timeout", "3", "--url-import-allow", "127.0.0.1"],
+    );
+    let reply = k
+        .admin
+        .post(
+            "/api/v1/images",
+            &json!({"name": "slow", "source": {"url": format!("http://127.0.0.1:{port}/disk.raw")}}),
+        )
+        .unwrap();
+    let id = reply["operation"]["id"].as_str().unwrap();
+    // The client waits for keeld, not keeld for the client: the handler
+    // may take longer than the client timeout.
+    let start = Instant::now();
+    let op = k
+        .admin
+        .get(&format!("/api/v1/operations/{id}?wait=6"))
+        .unwrap();
+    assert!(start.elapsed() >= Duration::from_secs(5), "{op}");
+    assert_eq!(op["status"], "running", "{op}");
+}

@@ -362,25 +362,20 @@ fn deleting_an_image_stops_its_download() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Sets the default project's image quota (keeld stopped meanwhile).
-fn set_image_quota(k: &mut Keeld, gib: u64) {
-    k.kill9();
-    let db = rusqlite::Connection::open(k.dir.join("data/keel.db")).unwrap();
-    let n = db
-        .execute(
-            "UPDATE records SET body = json_set(body, '$.quota.image_gib', ?1) \
-             WHERE kind = 'project' AND id = 'default'",
-            [gib],
-        )
-        .unwrap();
-    assert_eq!(n, 1);
-    drop(db);
-    k.spawn();
+/// Sets the default project's image quota.
+fn set_image_quota(k: &Keeld, gib: u64) {
+    let r = send(
+        &k.admin,
+        "PUT",
+        "/api/v1/projects/default/quota",
+        Some(json!({"image_gib": gib})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
 }
 
 #[test]
 fn sizes_are_checked_before_writing() {
-    let mut k = Keeld::start_with("url-size", &["--url-import-allow", "127.0.0.0/8"]);
+    let k = Keeld::start_with("url-size", &["--url-import-allow", "127.0.0.0/8"]);
     // 2^50 bytes: more than this host's disk.
     let huge = stalling(
         "HTTP/1.1 200 OK\r\nContent-Length: 1125899906842624\r\n\r\n",
@@ -400,7 +395,7 @@ fn sizes_are_checked_before_writing() {
     assert_eq!(img["reserved"].as_u64().unwrap_or(0), 0, "{img}");
 
     // A quota of 1 GiB: an import in progress counts with what it declared.
-    set_image_quota(&mut k, 1);
+    set_image_quota(&k, 1);
     let two_gib = stalling(
         "HTTP/1.1 200 OK\r\nContent-Length: 2147483648\r\n\r\n",
         &[7u8; 4096],

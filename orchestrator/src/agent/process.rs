@@ -150,6 +150,12 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
     // when this returns, so a VMM that dies at start resets that request.
     let listener =
         UnixListener::bind(files.socket()).map_err(|e| io_err("bind", &files.socket(), e))?;
+    // Like every file keeld makes: its own, 0600 (the umask gave 0700).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(files.socket(), std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_err("chmod", &files.socket(), e))?;
+    }
     let listener_fd = listener.as_raw_fd();
     let mut command = std::process::Command::new(binary);
     command

@@ -115,6 +115,8 @@ mod tests {
                 role: Role::Operator,
             }],
             created_at: 0,
+            password_changed_at: 0,
+            must_change_password: false,
         };
         assert!(allowed(&user, "p", Access::Read));
         assert!(allowed(&user, "p", Access::Operate));

@@ -356,8 +356,13 @@ pub fn own_addresses() -> Vec<IpAddr> {
 fn check_addresses(keel: &Keel, url: &str, host: &str, addrs: &[SocketAddr]) -> Result<(), String> {
     let own = own_addresses();
     for a in addrs {
-        check_address(a.ip(), &keel.config.url_import_allow, &own)
-            .map_err(|e| format!("{url}: not allowed: {host} resolves to {e}"))?;
+        check_address(a.ip(), &keel.config.url_import_allow, &own).map_err(|e| {
+            if host.parse::<IpAddr>().is_ok() {
+                format!("{url}: not allowed: {e}")
+            } else {
+                format!("{url}: not allowed: {host} resolves to {e}")
+            }
+        })?;
     }
     Ok(())
 }
@@ -433,8 +438,8 @@ impl Waits<'_> {
             () = self.stop.notified() => Err(DELETED.to_string()),
             done = tokio::time::timeout(self.timeout, step) => done.map_err(|_| {
                 format!(
-                    "{}: timed out: {what} made no progress for {} s (keeld serve \
-                     --url-import-timeout)",
+                    "{}: timed out {what} (no progress for {} s; a system admin sets this \
+                     with keeld serve --url-import-timeout)",
                     self.url,
                     self.timeout.as_secs_f64()
                 )
@@ -506,7 +511,7 @@ pub(super) async fn download(
                 .map_err(|e| format!("{url}: {e}"))?;
             let tls = waits
                 .on(
-                    "the TLS handshake",
+                    "in the TLS handshake",
                     tokio_rustls::TlsConnector::from(config).connect(name, stream),
                 )
                 .await?
@@ -565,7 +570,7 @@ impl Fetch<'_> {
         let (mut sender, conn) = self
             .waits
             .on(
-                "the HTTP handshake",
+                "in the HTTP handshake",
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
             )
             .await?

@@ -49,6 +49,9 @@ pub const MIN_CONNECTIONS: u64 = 64;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Refused connections and accept errors are logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long requests in progress may take to finish when keeld stops (at
+/// most the client timeout).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The server's limits (from `keeld serve`'s flags).
 #[derive(Clone, Debug)]
@@ -101,18 +104,27 @@ pub fn connection_limit(soft: u64) -> usize {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets
-/// the requests in progress finish (for at most `client_timeout`).
+/// the requests in progress finish (for at most [`SHUTDOWN_GRACE`]).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
+    log::info!(
+        "Connections: at most {} per source address, {} in all",
+        limits.per_source,
+        limits.total
+    );
     let slots = Arc::new(Slots::new(limits.per_source, limits.total));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (open_tx, open_rx) = tokio::sync::watch::channel(());
     let mut refused = Throttled::new();
     let mut failed = Throttled::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -154,12 +166,7 @@ pub async fn serve(
             peer,
             activity,
         };
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades();
+        let conn = http.serve_connection(io, service).with_upgrades();
         let mut stop = stop_rx.clone();
         let open = open_rx.clone();
         tokio::spawn(async move {
@@ -182,7 +189,8 @@ pub async fn serve(
     drop(open_rx);
     // VMs keep running when keeld stops: a restarted keeld re-attaches.
     // Requests in progress may finish, within bounds.
-    let _ = tokio::time::timeout(limits.client_timeout, open_tx.closed()).await;
+    let grace = SHUTDOWN_GRACE.min(limits.client_timeout);
+    let _ = tokio::time::timeout(grace, open_tx.closed()).await;
 }
 
 /// Errors of `accept` about the one connection, not the listener.
