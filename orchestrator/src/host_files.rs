@@ -205,7 +205,10 @@ mod tests {
             d.join("data/keel.db"),
         ] {
             let e = roots.open("p", &bad).unwrap_err();
-            assert!(matches!(e, HostFileError::NotAllowed { .. }), "{bad:?}: {e}");
+            assert!(
+                matches!(e, HostFileError::NotAllowed { .. }),
+                "{bad:?}: {e}"
+            );
         }
         // Whether a file outside exists is not told.
         let a = roots.open("p", &d.join("secret")).unwrap_err().to_string();
@@ -221,7 +224,9 @@ mod tests {
         std::os::unix::fs::symlink(&d, d.join("import/dirlink")).unwrap();
         let e = roots.open("p", &d.join("import/link")).unwrap_err();
         assert!(matches!(e, HostFileError::Symlink { .. }), "{e}");
-        let e = roots.open("p", &d.join("import/dirlink/secret")).unwrap_err();
+        let e = roots
+            .open("p", &d.join("import/dirlink/secret"))
+            .unwrap_err();
         assert!(matches!(e, HostFileError::Symlink { .. }), "{e}");
         // A directory or a FIFO is not an image.
         assert!(matches!(

@@ -162,7 +162,9 @@ fn main() -> ExitCode {
         lockout: Duration::from_secs(login_lockout_minutes * 60),
     };
     if !(8..=256).contains(&password_min_length) || password_max_age_days > 3650 {
-        eprintln!("keeld: --password-min-length must be 8 to 256, --password-max-age-days at most 3650");
+        eprintln!(
+            "keeld: --password-min-length must be 8 to 256, --password-max-age-days at most 3650"
+        );
         return ExitCode::from(1);
     }
     config.password_policy.min_length = password_min_length;

@@ -119,14 +119,26 @@ pub fn check_vms(
     let u = usage(keel, project);
     within(project, "VM", u.vms, vms, q.vms)?;
     within(project, "vCPU", u.vcpus, vcpus, q.vcpus)?;
-    within(project, "memory (MiB)", u.memory_mib, memory_mib, q.memory_mib)
+    within(
+        project,
+        "memory (MiB)",
+        u.memory_mib,
+        memory_mib,
+        q.memory_mib,
+    )
 }
 
 /// Room in `project`'s quota and on the host for `bytes` more of disks.
 pub fn check_disks(keel: &Keel, project: &str, bytes: u64) -> Result<(), QuotaError> {
     let q = quota_of(keel, project);
     let u = usage(keel, project);
-    within(project, "disk (GiB)", u.disk_gib, bytes.div_ceil(GIB), q.disk_gib)?;
+    within(
+        project,
+        "disk (GiB)",
+        u.disk_gib,
+        bytes.div_ceil(GIB),
+        q.disk_gib,
+    )?;
     check_space(&keel.paths.disks(), bytes)
 }
 
@@ -142,7 +154,13 @@ pub fn check_image(keel: &Keel, project: &str, image: &str, bytes: u64) -> Resul
         .unwrap_or(0);
     let u = usage(keel, project);
     let used = u.image_gib.saturating_sub(own.div_ceil(GIB));
-    within(project, "image (GiB)", used, bytes.div_ceil(GIB), q.image_gib)?;
+    within(
+        project,
+        "image (GiB)",
+        used,
+        bytes.div_ceil(GIB),
+        q.image_gib,
+    )?;
     check_space(&keel.paths.images(), bytes)
 }
 

@@ -373,7 +373,8 @@ fn bad_input_is_refused_and_nothing_is_half_created() {
 
 #[test]
 fn image_checksum_upload_and_http_import() {
-    let k = Keeld::start("images");
+    // The test serves the image itself, on loopback: allowed by the admin.
+    let k = Keeld::start_with("images", &["--url-import-allow", "127.0.0.0/8"]);
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     let file = k.import_dir().join("src.raw");
     std::fs::write(&file, &data).unwrap();

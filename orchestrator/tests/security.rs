@@ -70,7 +70,12 @@ fn login_request(user: &str, password: &str) -> Vec<u8> {
 }
 
 fn images(k: &Keeld) -> usize {
-    k.admin.get("/api/v1/images").unwrap().as_array().unwrap().len()
+    k.admin
+        .get("/api/v1/images")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
 }
 
 /// Finding 1. Before: any operator imported any host file as root
@@ -170,7 +175,11 @@ fn another_projects_vmm_fds_cannot_be_imported() {
         json!({"name": "v", "image": "tiny", "vcpus": 1, "memory_mib": 64,
                "root_password": "Root-secret-1"}),
     );
-    k.wait_status(vm["id"].as_str().unwrap(), "running", Duration::from_secs(60));
+    k.wait_status(
+        vm["id"].as_str().unwrap(),
+        "running",
+        Duration::from_secs(60),
+    );
     let pids = k.vmm_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
     let pid = pids[0];
@@ -241,7 +250,12 @@ fn a_login_flood_keeps_memory_bounded_and_others_served() {
             let source = format!("127.0.{}.{}", 1 + round, 2 + n);
             floods.push(std::thread::spawn(move || {
                 barrier.wait();
-                http_from(port, &source, &login_request(&format!("nobody{n}"), "wrong-1")).0
+                http_from(
+                    port,
+                    &source,
+                    &login_request(&format!("nobody{n}"), "wrong-1"),
+                )
+                .0
             }));
         }
         barrier.wait();
@@ -404,7 +418,10 @@ fn every_file_keeld_makes_is_its_own_and_no_secret_is_stored() {
         .post("/api/v1/disks/d/attach", &json!({"vm": id}))
         .unwrap();
     wait_op(&k.admin, &r);
-    let r = k.admin.post(&format!("/api/v1/vms/{id}/stop"), &json!({})).unwrap();
+    let r = k
+        .admin
+        .post(&format!("/api/v1/vms/{id}/stop"), &json!({}))
+        .unwrap();
     op_outcome(&k.admin, &r);
     k.wait_status(&id, "stopped", Duration::from_secs(60));
     let r = k
@@ -414,7 +431,10 @@ fn every_file_keeld_makes_is_its_own_and_no_secret_is_stored() {
     wait_op(&k.admin, &r);
     let r = k
         .admin
-        .post("/api/v1/images", &json!({"name": "up", "source": {"upload": true}}))
+        .post(
+            "/api/v1/images",
+            &json!({"name": "up", "source": {"upload": true}}),
+        )
         .unwrap();
     let up = r["image"]["id"].as_str().unwrap().to_string();
     let file = k.dir.join("upload.raw");
@@ -474,7 +494,10 @@ fn every_file_keeld_makes_is_its_own_and_no_secret_is_stored() {
     // 0600 seed holds the password for cloud-init).
     for name in ["keel.db", "keel.db-wal", "keel.db-shm"] {
         let bytes = std::fs::read(k.dir.join("data").join(name)).unwrap_or_default();
-        assert!(!contains(&bytes, root_password), "{name} holds the root password");
+        assert!(
+            !contains(&bytes, root_password),
+            "{name} holds the root password"
+        );
         assert!(!contains(&bytes, &token), "{name} holds a token secret");
     }
     let seed = std::fs::read(k.dir.join(format!("data/vms/{id}/seed.iso"))).unwrap();
@@ -493,35 +516,53 @@ fn idempotency_keys_are_bound_to_the_request_and_kept_only_for_successes() {
     let key = [("Idempotency-Key", "disk-1")];
     let first = k
         .admin
-        .send("POST", "/api/v1/disks", Some(&json!({"name": "a", "size_gib": 1})), &key)
+        .send(
+            "POST",
+            "/api/v1/disks",
+            Some(&json!({"name": "a", "size_gib": 1})),
+            &key,
+        )
         .unwrap();
     assert_eq!(first.status, 202, "{}", first.text);
     let same = k
         .admin
-        .send("POST", "/api/v1/disks", Some(&json!({"name": "a", "size_gib": 1})), &key)
+        .send(
+            "POST",
+            "/api/v1/disks",
+            Some(&json!({"name": "a", "size_gib": 1})),
+            &key,
+        )
         .unwrap();
     assert_eq!(same.status, 202);
     assert_eq!(same.body["disk"]["id"], first.body["disk"]["id"]);
     let other = k
         .admin
-        .send("POST", "/api/v1/disks", Some(&json!({"name": "a", "size_gib": 2})), &key)
+        .send(
+            "POST",
+            "/api/v1/disks",
+            Some(&json!({"name": "a", "size_gib": 2})),
+            &key,
+        )
         .unwrap();
     assert_eq!(other.status, 422, "{}", other.text);
     assert!(other.text.contains("another request"), "{}", other.text);
     // The same key of another user is another key.
     let theirs = viewer
-        .send("POST", "/api/v1/disks", Some(&json!({"name": "b", "size_gib": 1})), &key)
+        .send(
+            "POST",
+            "/api/v1/disks",
+            Some(&json!({"name": "b", "size_gib": 1})),
+            &key,
+        )
         .unwrap();
     assert_eq!(theirs.status, 403, "{}", theirs.text);
 
     // Refused calls with fresh keys store nothing.
     let db = k.dir.join("data/keel.db");
     let stored = || -> i64 {
-        let conn = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
         let tables: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type='table'")
             .unwrap()
@@ -576,7 +617,14 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
     assert_eq!(r.status, 507, "{}", r.text);
     assert!(r.text.contains("Not enough space"), "{}", r.text);
     assert_eq!(count(&disks_dir), 0);
-    assert!(k.admin.get("/api/v1/disks").unwrap().as_array().unwrap().is_empty());
+    assert!(
+        k.admin
+            .get("/api/v1/disks")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 
     // Quotas: 1 VM, 2 vCPUs, 3 GiB of disks.
     let r = send(
@@ -590,15 +638,26 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
     k.create_vm(&k.admin, vm);
     let disks_before = count(&disks_dir);
     for (body, what) in [
-        (json!({"name": "b", "image": "tiny", "vcpus": 1, "memory_mib": 64}), "VM quota"),
-        (json!({"name": "b", "image": "tiny", "vcpus": 1, "memory_mib": 64,
-                "data_disks": [{"size_gib": 5}]}), "quota"),
+        (
+            json!({"name": "b", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
+            "VM quota",
+        ),
+        (
+            json!({"name": "b", "image": "tiny", "vcpus": 1, "memory_mib": 64,
+                "data_disks": [{"size_gib": 5}]}),
+            "quota",
+        ),
     ] {
         let r = send(&k.admin, "POST", "/api/v1/vms", Some(body));
         assert_eq!(r.status, 422, "{}", r.text);
         assert!(r.text.contains(what), "{}", r.text);
     }
-    let r = send(&k.admin, "POST", "/api/v1/disks", Some(json!({"name": "big", "size_gib": 3})));
+    let r = send(
+        &k.admin,
+        "POST",
+        "/api/v1/disks",
+        Some(json!({"name": "big", "size_gib": 3})),
+    );
     assert_eq!(r.status, 422, "{}", r.text);
     assert!(r.text.contains("disk (GiB) quota"), "{}", r.text);
     let r = send(
@@ -608,8 +667,18 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
         Some(json!({"vcpus": 4, "memory_mib": 64})),
     );
     assert_eq!(r.status, 422, "{}", r.text);
-    assert_eq!(count(&disks_dir), disks_before, "a refused create left files");
-    assert_eq!(k.admin.get("/api/v1/vms").unwrap()["items"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        count(&disks_dir),
+        disks_before,
+        "a refused create left files"
+    );
+    assert_eq!(
+        k.admin.get("/api/v1/vms").unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let q = k.admin.get("/api/v1/projects/default/quota").unwrap();
     assert_eq!(q["usage"]["vms"], 1, "{q}");
     assert_eq!(q["quota"]["vcpus"], 2, "{q}");
@@ -618,7 +687,14 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
     // reset, with a declared length and without one, and leaves no bytes.
     let images_dir = k.dir.join("data/images");
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=160m", "keel-test", images_dir.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=160m",
+            "keel-test",
+            images_dir.to_str().unwrap(),
+        ])
         .status()
         .expect("mount");
     assert!(mounted.success(), "mounting a tmpfs needs root");
@@ -632,7 +708,10 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
     let new_upload = |name: &str| -> String {
         let r = k
             .admin
-            .post("/api/v1/images", &json!({"name": name, "source": {"upload": true}}))
+            .post(
+                "/api/v1/images",
+                &json!({"name": name, "source": {"upload": true}}),
+            )
             .unwrap();
         r["image"]["id"].as_str().unwrap().to_string()
     };
@@ -687,7 +766,9 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
     let left: Vec<_> = std::fs::read_dir(&images_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|n| !n.to_string_lossy().ends_with(".raw") && !n.to_string_lossy().ends_with(".kernel"))
+        .filter(|n| {
+            !n.to_string_lossy().ends_with(".raw") && !n.to_string_lossy().ends_with(".kernel")
+        })
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }

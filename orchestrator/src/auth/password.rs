@@ -105,13 +105,22 @@ fn blocks(buffer: &mut Vec<Block>, count: usize) -> &mut [Block] {
 }
 
 /// Hashes with keeld's parameters (Argon2id, 19 MiB, 2 passes).
-pub fn hash_with(buffer: &mut Vec<Block>, password: &[u8], salt: &[u8]) -> Result<String, PasswordError> {
+pub fn hash_with(
+    buffer: &mut Vec<Block>,
+    password: &[u8],
+    salt: &[u8],
+) -> Result<String, PasswordError> {
     let params = Params::default();
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
     let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
     let err = |e: &dyn std::fmt::Display| PasswordError::Hash(e.to_string());
     argon
-        .hash_password_into_with_memory(password, salt, &mut out, blocks(buffer, params.block_count()))
+        .hash_password_into_with_memory(
+            password,
+            salt,
+            &mut out,
+            blocks(buffer, params.block_count()),
+        )
         .map_err(|e| err(&e))?;
     let salt = SaltString::encode_b64(salt).map_err(|e| err(&e))?;
     let phc = PasswordHash {
@@ -223,7 +232,11 @@ mod tests {
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
         // The argon2 crate's own verifier agrees, both ways.
         let parsed = PasswordHash::new(&h).unwrap();
-        assert!(Argon2::default().verify_password(b"s3cret", &parsed).is_ok());
+        assert!(
+            Argon2::default()
+                .verify_password(b"s3cret", &parsed)
+                .is_ok()
+        );
         assert!(verify_with(&mut buf, b"s3cret", &h));
         assert!(!verify_with(&mut buf, b"s3creT", &h));
         assert!(!verify_with(&mut buf, b"s3cret", "not a hash"));
@@ -242,7 +255,9 @@ mod tests {
         for _ in 0..8 {
             let p = pool.clone();
             let h = h.clone();
-            tasks.push(tokio::spawn(async move { p.verify("pw-1".into(), h).await }));
+            tasks.push(tokio::spawn(
+                async move { p.verify("pw-1".into(), h).await },
+            ));
         }
         let mut busy = 0;
         for t in tasks {

@@ -19,9 +19,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::keel::Keel;
-use crate::quota::QuotaError;
 use crate::model::{ImageFormat, ImageStatus};
 use crate::operations::Progress;
+use crate::quota::QuotaError;
 use crate::store::StoreError;
 
 /// Where an image's bytes come from.
@@ -185,7 +185,8 @@ where
                 chunk.map_err(|e| UploadError::Failed(format!("The upload was cut short: {e}")))?;
             if sink.written + chunk.len() as u64 > checked {
                 checked = sink.written + chunk.len() as u64 + ROOM_STEP;
-                crate::quota::check_image(&keel, project, &id, checked).map_err(UploadError::Room)?;
+                crate::quota::check_image(&keel, project, &id, checked)
+                    .map_err(UploadError::Room)?;
             }
             if let Err(e) = sink.write(&chunk, &keel, &id, None).await {
                 // A write that failed on a full file system is answered as such.

@@ -19,7 +19,9 @@ use crate::auth::password::PasswordError;
 use crate::auth::throttle::Wait;
 use crate::auth::{self, Access};
 use crate::keel::{DEFAULT_PROJECT, Keel};
-use crate::model::{Membership, Project, Quota, Role, Token, TokenKind, User, new_id, now, valid_name};
+use crate::model::{
+    Membership, Project, Quota, Role, Token, TokenKind, User, new_id, now, valid_name,
+};
 use crate::store::StoreError;
 
 #[derive(Deserialize)]
@@ -130,9 +132,11 @@ async fn check_password(
             Ok(user)
         }
         _ => {
-            keel.login_throttle
-                .failed(username, source, Instant::now());
-            Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong user name or password").into_response())
+            keel.login_throttle.failed(username, source, Instant::now());
+            Err(
+                ApiError::new(StatusCode::UNAUTHORIZED, "Wrong user name or password")
+                    .into_response(),
+            )
         }
     }
 }
@@ -192,7 +196,8 @@ async fn login_inner(
         let _ = keel.tokens.remove(&old.id);
     }
     let ttl = keel.config.session_ttl.as_secs().max(1);
-    let token = issue(keel, &user, TokenKind::Session, "login", ttl).map_err(|e| e.into_response())?;
+    let token =
+        issue(keel, &user, TokenKind::Session, "login", ttl).map_err(|e| e.into_response())?;
     Ok(Json(serde_json::to_value(token).unwrap_or_default()))
 }
 
@@ -240,7 +245,10 @@ async fn change_inner(
 ) -> Result<(), Response> {
     let user = check_password(keel, username, &req.current_password, source).await?;
     if req.new_password == req.current_password {
-        return Err(ApiError::bad_request("The new password must differ from the current one").into_response());
+        return Err(
+            ApiError::bad_request("The new password must differ from the current one")
+                .into_response(),
+        );
     }
     keel.config
         .password_policy
@@ -263,7 +271,11 @@ async fn set_password(
     must_change: bool,
     keep: Option<&str>,
 ) -> Result<(), Response> {
-    let hash = keel.passwords.hash(password).await.map_err(password_error)?;
+    let hash = keel
+        .passwords
+        .hash(password)
+        .await
+        .map_err(password_error)?;
     keel.users
         .update::<StoreError>(&user.id, |u| {
             u.password_hash = hash;
@@ -273,10 +285,9 @@ async fn set_password(
         })
         .map_err(|e| ApiError::from(e).into_response())?
         .ok_or_else(|| ApiError::not_found("The user was deleted").into_response())?;
-    for t in keel
-        .tokens
-        .filter(|t| t.user == user.id && t.kind == TokenKind::Session && Some(t.id.as_str()) != keep)
-    {
+    for t in keel.tokens.filter(|t| {
+        t.user == user.id && t.kind == TokenKind::Session && Some(t.id.as_str()) != keep
+    }) {
         let _ = keel.tokens.remove(&t.id);
     }
     keel.login_throttle.clear_user(&user.name);
@@ -432,16 +443,10 @@ pub async fn create_user(
     if keel.users.find(|u| u.name == req.name).is_some() {
         return Err(exists());
     }
-    let hash = keel
-        .passwords
-        .hash(req.password.clone())
-        .await
-        .map_err(|e| match e {
-            PasswordError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
-            e => ApiError::internal(e.to_string()),
-        })?;
-    // Checked again with the write: the hash took a while, and another
-    // request for the same name may have got there first.
+    // The name is taken under the store's lock before the slow hash (with
+    // an empty hash, which no password matches), so concurrent requests
+    // for one name are answered 409 at once instead of queueing for the
+    // hash workers (and being refused 429 when they are busy).
     let name = req.name.clone();
     let user = keel
         .users
@@ -449,7 +454,7 @@ pub async fn create_user(
             User {
                 id: new_id("user"),
                 name: req.name,
-                password_hash: hash,
+                password_hash: String::new(),
                 system_admin: req.system_admin,
                 memberships: vec![],
                 created_at: now(),
@@ -459,6 +464,23 @@ pub async fn create_user(
             |u| u.name == name,
         )?
         .map_err(|_| exists())?;
+    let hash = match keel.passwords.hash(req.password.clone()).await {
+        Ok(hash) => hash,
+        Err(e) => {
+            let _ = keel.users.remove(&user.id);
+            return Err(match e {
+                PasswordError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()),
+                e => ApiError::internal(e.to_string()),
+            });
+        }
+    };
+    let user = keel
+        .users
+        .update::<StoreError>(&user.id, |u| {
+            u.password_hash = hash;
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The user was deleted"))?;
     Ok((StatusCode::CREATED, Json(user_view(&user))))
 }
 

@@ -66,7 +66,11 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
     };
     let fingerprint = {
         let mut h = Sha256::new();
-        for part in [method.as_bytes(), path.as_bytes(), caller.user.id.as_bytes()] {
+        for part in [
+            method.as_bytes(),
+            path.as_bytes(),
+            caller.user.id.as_bytes(),
+        ] {
             h.update(part);
             h.update(b"\n");
         }
@@ -185,11 +189,22 @@ async fn run_once(
     Response::from_parts(parts, Body::from(bytes))
 }
 
-/// The answer without its secret: the top-level `token` goes.
+/// The answer without its secret: the top-level `token` (an API token) or
+/// `ticket` (a console ticket) goes, and so does any other field that
+/// repeats it (a ticket's `path`).
 fn redact(bytes: &[u8]) -> String {
     match serde_json::from_slice::<serde_json::Value>(bytes) {
         Ok(serde_json::Value::Object(mut m)) => {
-            m.remove("token");
+            let secrets: Vec<String> = ["token", "ticket"]
+                .iter()
+                .filter_map(|k| m.remove(*k))
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .filter(|s| !s.is_empty())
+                .collect();
+            m.retain(|_, v| {
+                !v.as_str()
+                    .is_some_and(|v| secrets.iter().any(|s| v.contains(s.as_str())))
+            });
             serde_json::Value::Object(m).to_string()
         }
         _ => "{}".into(),
@@ -229,4 +244,24 @@ fn replay(first: &IdempotentReply) -> Response {
     );
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_not_kept() {
+        let kept =
+            |bytes: &[u8]| serde_json::from_str::<serde_json::Value>(&redact(bytes)).unwrap();
+        let token = br#"{"token":"s3cret","id":"abc","expires_at":0}"#;
+        assert_eq!(
+            kept(token),
+            serde_json::json!({"id": "abc", "expires_at": 0})
+        );
+        let ticket =
+            br#"{"ticket":"t1ck","path":"/api/v1/vms/v/console?ticket=t1ck","expires_in":60}"#;
+        assert_eq!(kept(ticket), serde_json::json!({"expires_in": 60}));
+        assert_eq!(redact(b"not json"), "{}");
+    }
 }

@@ -172,7 +172,10 @@ pub async fn create(
     let mut boot_files = Vec::new();
     if let Some(b) = &req.boot {
         if let Some(k) = &b.kernel_path {
-            boot_files.push(("kernel", open_host_file(&keel, &caller, "boot.kernel_path", k)?));
+            boot_files.push((
+                "kernel",
+                open_host_file(&keel, &caller, "boot.kernel_path", k)?,
+            ));
             boot.kernel = Some(k.display().to_string());
         }
         if let Some(i) = &b.initramfs_path {

@@ -272,10 +272,9 @@ pub async fn create(
         }
     }
     crate::quota::check_vms(&keel, &project, 1, u64::from(vcpus), memory_mib)?;
-    let disk_bytes = req
-        .data_disks
-        .iter()
-        .fold(disk_gib * GIB, |sum, d| sum.saturating_add(d.size_gib * GIB));
+    let disk_bytes = req.data_disks.iter().fold(disk_gib * GIB, |sum, d| {
+        sum.saturating_add(d.size_gib * GIB)
+    });
     crate::quota::check_disks(&keel, &project, disk_bytes)?;
     for (i, d) in req.data_disks.iter().enumerate() {
         if let Some(name) = &d.name
@@ -819,13 +818,7 @@ pub async fn restore(
             vm.name
         )));
     }
-    crate::quota::check_vms(
-        &keel,
-        &vm.project,
-        1,
-        u64::from(vm.vcpus),
-        vm.memory_mib,
-    )?;
+    crate::quota::check_vms(&keel, &vm.project, 1, u64::from(vm.vcpus), vm.memory_mib)?;
     let restored = keel
         .vms
         .update::<StoreError>(&vm.id, |v| {

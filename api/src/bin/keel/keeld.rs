@@ -253,12 +253,18 @@ pub fn client(common: &Common) -> Result<KeeldClient, Error> {
 }
 
 fn read_password() -> Result<String, Error> {
-    if let Ok(p) = std::env::var("KEEL_PASSWORD") {
+    read_secret("KEEL_PASSWORD", "Password")
+}
+
+/// A secret from the environment variable `env`, else from stdin (with
+/// `prompt` and no echo on a terminal).
+fn read_secret(env: &str, prompt: &str) -> Result<String, Error> {
+    if let Ok(p) = std::env::var(env) {
         return Ok(p);
     }
     let tty = std::io::stdin().is_terminal();
     if tty {
-        eprint!("Password: ");
+        eprint!("{prompt}: ");
         let _ = std::io::stderr().flush();
         let _ = std::process::Command::new("stty").arg("-echo").status();
     }
@@ -268,7 +274,7 @@ fn read_password() -> Result<String, Error> {
         let _ = std::process::Command::new("stty").arg("echo").status();
         eprintln!();
     }
-    read.map_err(|e| Error::Input(format!("cannot read the password: {e}")))?;
+    read.map_err(|e| Error::Input(format!("cannot read the {}: {e}", prompt.to_lowercase())))?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
@@ -288,6 +294,34 @@ pub fn login(common: &Common, user: &str) -> Result<(), Error> {
     let text = serde_json::to_string(&creds).unwrap_or_default();
     write_private(&path, &text)?;
     println!("Logged in to {} as {user}", creds.server);
+    Ok(())
+}
+
+/// `keel passwd`: the current password (KEEL_PASSWORD or a prompt) and a
+/// new one (KEEL_NEW_PASSWORD or two prompts that must match). keeld ends
+/// the user's other sessions; the saved one goes on working.
+pub fn passwd(common: &Common, user: Option<&str>) -> Result<(), Error> {
+    let c = client(common)?;
+    let current = read_secret("KEEL_PASSWORD", "Current password")?;
+    let new = match std::env::var("KEEL_NEW_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let first = read_secret("", "New password")?;
+            if read_secret("", "New password again")? != first {
+                return Err(Error::Input("The new passwords do not match".into()));
+            }
+            first
+        }
+    };
+    let mut body = json!({"current_password": current, "new_password": new});
+    // Without a saved login keeld cannot tell whose password it is.
+    match (user, c.token()) {
+        (Some(u), _) => body["username"] = u.into(),
+        (None, None) => body["username"] = "admin".into(),
+        (None, Some(_)) => {}
+    }
+    c.send("POST", "/api/v1/password", Some(&body), &[])?.ok()?;
+    println!("Password changed");
     Ok(())
 }
 

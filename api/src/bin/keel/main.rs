@@ -42,6 +42,15 @@ enum Top {
         #[command(flatten)]
         common: keeld::Common,
     },
+    /// Change a keeld password: yours (logged in), or with --user that of
+    /// an account whose password expired or was reset.
+    Passwd {
+        /// The account (default: the one logged in, else admin).
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        common: keeld::Common,
+    },
     /// VMs managed by keeld.
     Vm {
         #[command(flatten)]
@@ -338,6 +347,7 @@ fn main() -> ExitCode {
             command,
         } => run(&socket, json, command).map_err(Into::into),
         Top::Login { user, common } => keeld::login(&common, &user).map_err(Into::into),
+        Top::Passwd { user, common } => keeld::passwd(&common, user.as_deref()).map_err(Into::into),
         Top::Vm { common, command } => keeld::vm(&common, command).map_err(Into::into),
         Top::Image { common, command } => keeld::image(&common, command).map_err(Into::into),
         Top::Disk { common, command } => keeld::disk(&common, command).map_err(Into::into),
