@@ -1,4 +1,4 @@
-//! `keel login|vm|image|disk|flavor|node|console`: the orchestrator's
+//! `keel login|passwd|vm|image|disk|flavor|node|console`: the orchestrator's
 //! commands, over [`KeeldClient`]. Mutating commands wait for their
 //! operation (with a progress bar) unless `--no-wait`.
 
@@ -253,13 +253,13 @@ pub fn client(common: &Common) -> Result<KeeldClient, Error> {
 }
 
 fn read_password() -> Result<String, Error> {
-    read_secret("KEEL_PASSWORD", "Password")
+    read_secret(Some("KEEL_PASSWORD"), "Password")
 }
 
 /// A secret from the environment variable `env`, else from stdin (with
 /// `prompt` and no echo on a terminal).
-fn read_secret(env: &str, prompt: &str) -> Result<String, Error> {
-    if let Ok(p) = std::env::var(env) {
+fn read_secret(env: Option<&str>, prompt: &str) -> Result<String, Error> {
+    if let Some(p) = env.and_then(|e| std::env::var(e).ok()) {
         return Ok(p);
     }
     let tty = std::io::stdin().is_terminal();
@@ -302,12 +302,12 @@ pub fn login(common: &Common, user: &str) -> Result<(), Error> {
 /// the user's other sessions; the saved one goes on working.
 pub fn passwd(common: &Common, user: Option<&str>) -> Result<(), Error> {
     let c = client(common)?;
-    let current = read_secret("KEEL_PASSWORD", "Current password")?;
+    let current = read_secret(Some("KEEL_PASSWORD"), "Current password")?;
     let new = match std::env::var("KEEL_NEW_PASSWORD") {
         Ok(p) => p,
         Err(_) => {
-            let first = read_secret("", "New password")?;
-            if read_secret("", "New password again")? != first {
+            let first = read_secret(None, "New password")?;
+            if read_secret(None, "New password again")? != first {
                 return Err(Error::Input("The new passwords do not match".into()));
             }
             first
