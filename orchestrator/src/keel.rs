@@ -237,18 +237,33 @@ impl Keel {
         Ok((keel, password))
     }
 
-    /// Root passwords an older keeld kept in VM records are rewritten out
-    /// of the store (the seeds already hold them).
+    /// Secrets an older keeld stored are removed from every file of the
+    /// store: root passwords in VM records (the seeds hold them) and token
+    /// secrets in kept idempotent replies.
     fn scrub_legacy_secrets(&self) -> Result<(), StoreError> {
-        for vm in self
+        let vms = self
             .vms
-            .filter(|vm| vm.guest_init.legacy_root_password.is_some())
-        {
+            .filter(|vm| vm.guest_init.legacy_root_password.is_some());
+        for vm in &vms {
             self.vms.update::<StoreError>(&vm.id, |vm| {
                 vm.guest_init.legacy_root_password = None;
                 vm.guest_init.root_password_set = true;
                 Ok(())
             })?;
+        }
+        let replies = self
+            .idempotency
+            .filter(|r| !r.secret && r.body.contains("\"token\""));
+        for reply in &replies {
+            self.idempotency.remove(&reply.id)?;
+        }
+        if !vms.is_empty() || !replies.is_empty() {
+            log::warn!(
+                "Removed {} root passwords and {} token secrets an older keeld had stored",
+                vms.len(),
+                replies.len()
+            );
+            self.store.compact()?;
         }
         Ok(())
     }

@@ -772,3 +772,64 @@ fn quotas_and_a_full_file_system_are_answered_and_leave_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Finding 5, for installations made before the fix: a root password in a
+/// VM record and a token secret in a kept idempotent reply are removed
+/// from every file of the store when keeld starts.
+#[test]
+fn secrets_an_older_keeld_stored_are_scrubbed_at_start() {
+    let mut k = Keeld::start("sec-scrub");
+    k.tiny_image("tiny");
+    let vm = k.create_vm(
+        &k.admin,
+        json!({"name": "old", "image": "tiny", "vcpus": 1, "memory_mib": 64, "start": false}),
+    );
+    let id = vm["id"].as_str().unwrap().to_string();
+    k.kill9();
+    let (password, secret) = ("Legacy-Root-Secret-77", "0123456789abcdef".repeat(4));
+    let db = k.dir.join("data/keel.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let body: String = conn
+            .query_row(
+                "SELECT body FROM records WHERE kind = 'vm' AND id = ?1",
+                [&id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let mut body: Value = serde_json::from_str(&body).unwrap();
+        body["guest_init"]["root_password"] = json!(password);
+        conn.execute(
+            "UPDATE records SET body = ?1 WHERE kind = 'vm' AND id = ?2",
+            [body.to_string(), id.clone()],
+        )
+        .unwrap();
+        // What an older keeld kept for `POST /tokens` with a key.
+        let reply = json!({"id": "r1", "method": "POST", "path": "/api/v1/tokens", "status": 201,
+                           "body": json!({"token": secret, "id": "t"}).to_string(),
+                           "created_at": 4102444800u64});
+        conn.execute(
+            "INSERT INTO records (kind, id, version, body) VALUES ('idempotency', 'r1', 1, ?1)",
+            [reply.to_string()],
+        )
+        .unwrap();
+    }
+    let out = k.spawn();
+    assert!(
+        out.contains("Removed 1 root passwords and 1 token secrets"),
+        "{out}"
+    );
+    let shown = k.vm(&id);
+    assert_eq!(shown["guest_init"]["root_password_set"], true, "{shown}");
+    for name in ["keel.db", "keel.db-wal", "keel.db-shm"] {
+        let bytes = std::fs::read(k.dir.join("data").join(name)).unwrap_or_default();
+        assert!(
+            !contains(&bytes, password),
+            "{name} still holds the root password"
+        );
+        assert!(
+            !contains(&bytes, &secret),
+            "{name} still holds the token secret"
+        );
+    }
+}

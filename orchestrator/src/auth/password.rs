@@ -172,6 +172,26 @@ pub fn verify_with(buffer: &mut Vec<Block>, password: &[u8], hash: &str) -> bool
     Output::new(&out).is_ok_and(|got| got == expected)
 }
 
+/// Why `user` must set a new password before logging in at `now`, if so:
+/// an admin's reset, or a password older than `max_age`.
+pub fn expired(user: &crate::model::User, max_age: Option<Duration>, now: u64) -> Option<String> {
+    if user.must_change_password {
+        return Some("An administrator reset your password: set a new one".into());
+    }
+    let max_age = max_age?;
+    let set = if user.password_changed_at == 0 {
+        user.created_at
+    } else {
+        user.password_changed_at
+    };
+    (now.saturating_sub(set) > max_age.as_secs()).then(|| {
+        format!(
+            "Your password is older than {} days: set a new one",
+            max_age.as_secs() / 86400
+        )
+    })
+}
+
 /// What a password must be like.
 #[derive(Clone, Copy, Debug)]
 pub struct Policy {
@@ -269,6 +289,30 @@ mod tests {
         }
         assert!(busy > 0, "8 checks at once on one worker with no wait");
         assert!(pool.buffers.lock().unwrap().len() <= 1);
+    }
+
+    #[test]
+    fn passwords_expire_by_age_or_reset() {
+        let day = 86400;
+        let mut user = crate::model::User {
+            id: "u".into(),
+            name: "u".into(),
+            password_hash: String::new(),
+            system_admin: false,
+            memberships: vec![],
+            created_at: 1000,
+            password_changed_at: 0,
+            must_change_password: false,
+        };
+        let max = Some(Duration::from_secs(90 * day));
+        assert!(expired(&user, None, 1000 + 1000 * day).is_none());
+        assert!(expired(&user, max, 1000 + 90 * day).is_none());
+        let why = expired(&user, max, 1001 + 90 * day).unwrap();
+        assert!(why.contains("older than 90 days"), "{why}");
+        user.password_changed_at = 1000 + 80 * day;
+        assert!(expired(&user, max, 1001 + 90 * day).is_none());
+        user.must_change_password = true;
+        assert!(expired(&user, None, 0).unwrap().contains("reset"));
     }
 
     #[test]

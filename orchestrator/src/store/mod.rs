@@ -147,4 +147,8 @@ pub trait Store: Send + Sync {
     fn delete(&self, kind: Kind, id: &str) -> Result<bool, StoreError>;
     fn append(&self, log: Log, subject: &str, body: &serde_json::Value) -> Result<u64, StoreError>;
     fn read(&self, log: Log, query: &LogQuery) -> Result<Vec<LogEntry>, StoreError>;
+    /// Moves everything written into the main file and drops what was
+    /// overwritten or deleted from every file of the store (the WAL
+    /// included), after secrets were removed.
+    fn compact(&self) -> Result<(), StoreError>;
 }

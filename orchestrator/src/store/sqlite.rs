@@ -268,6 +268,18 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        let conn = self.conn();
+        // secure_delete zeroed the old pages in the database; the WAL still
+        // holds their earlier images until it is checkpointed and emptied.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(db("cannot checkpoint the WAL".to_string()))?;
+        conn.execute_batch("VACUUM")
+            .map_err(db("cannot vacuum".to_string()))?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(db("cannot checkpoint the WAL".to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -143,21 +143,7 @@ async fn check_password(
 
 /// Whether the user must set a new password before logging in.
 fn password_expired(keel: &Keel, user: &User) -> Option<String> {
-    if user.must_change_password {
-        return Some("An administrator reset your password: set a new one".into());
-    }
-    let max_age = keel.config.password_max_age?;
-    let set = if user.password_changed_at == 0 {
-        user.created_at
-    } else {
-        user.password_changed_at
-    };
-    (now().saturating_sub(set) > max_age.as_secs()).then(|| {
-        format!(
-            "Your password is older than {} days: set a new one",
-            max_age.as_secs() / 86400
-        )
-    })
+    auth::password::expired(user, keel.config.password_max_age, now())
 }
 
 pub async fn login(
