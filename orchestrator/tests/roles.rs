@@ -39,28 +39,6 @@ struct Callers {
     anon: KeeldClient,
 }
 
-fn user(k: &Keeld, name: &str, project: &str, role: &str) -> KeeldClient {
-    k.admin
-        .post(
-            "/api/v1/users",
-            &json!({"name": name, "password": "password-1"}),
-        )
-        .unwrap();
-    let r = k
-        .admin
-        .send(
-            "PUT",
-            &format!("/api/v1/projects/{project}/members/{name}"),
-            Some(&json!({"role": role})),
-            &[],
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text);
-    let mut c = k.client();
-    c.login(name, "password-1").unwrap();
-    c
-}
-
 /// A resource made fresh for each caller, so that a destructive call by
 /// one does not change what the next one sees.
 enum Fresh {
@@ -93,9 +71,9 @@ fn every_endpoint_for_every_role() {
         .unwrap();
     let c = Callers {
         admin: k.admin.clone(),
-        operator: user(&k, "op", "default", "operator"),
-        viewer: user(&k, "view", "default", "viewer"),
-        stranger: user(&k, "stranger", "other", "admin"),
+        operator: k.user("op", "default", "operator"),
+        viewer: k.user("view", "default", "viewer"),
+        stranger: k.user("stranger", "other", "admin"),
         anon: k.client(),
     };
     k.admin

@@ -13,28 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Keeld, op_outcome, send, wait_op};
-use keel_api::keeld_client::KeeldClient;
 use serde_json::{Value, json};
-
-/// A user with `role` in `project`, logged in.
-fn user(k: &Keeld, name: &str, project: &str, role: &str) -> KeeldClient {
-    k.admin
-        .post(
-            "/api/v1/users",
-            &json!({"name": name, "password": "Password-123"}),
-        )
-        .unwrap();
-    let r = send(
-        &k.admin,
-        "PUT",
-        &format!("/api/v1/projects/{project}/members/{name}"),
-        Some(json!({"role": role})),
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
-    let mut c = k.client();
-    c.login(name, "Password-123").unwrap();
-    c
-}
 
 /// One HTTP request from a chosen local source address (the whole of
 /// 127/8 is this host), answered as (status, whole answer text).
@@ -84,7 +63,7 @@ fn images(k: &Keeld) -> usize {
 #[test]
 fn host_paths_are_for_system_admins_inside_import_dirs() {
     let k = Keeld::start("sec-paths");
-    let operator = user(&k, "op", "default", "operator");
+    let operator = k.user("op", "default", "operator");
     let inside = k.import_dir().join("disk.raw");
     std::fs::write(&inside, vec![1u8; 4096]).unwrap();
     let kernel = k.guest_kernel();
@@ -168,7 +147,7 @@ fn another_projects_vmm_fds_cannot_be_imported() {
     k.admin
         .post("/api/v1/projects", &json!({"name": "other"}))
         .unwrap();
-    let stranger = user(&k, "eve", "other", "admin");
+    let stranger = k.user("eve", "other", "admin");
     k.tiny_image("tiny");
     let vm = k.create_vm(
         &k.admin,
@@ -295,7 +274,7 @@ fn a_login_flood_keeps_memory_bounded_and_others_served() {
 #[test]
 fn guessing_a_password_locks_the_account_and_is_audited() {
     let k = Keeld::start("sec-brute");
-    let _bob = user(&k, "bob", "default", "viewer");
+    let _bob = k.user("bob", "default", "viewer");
     let mut answers = std::collections::BTreeMap::new();
     let mut retry_after = None;
     let start = Instant::now();
@@ -322,7 +301,11 @@ fn guessing_a_password_locks_the_account_and_is_audited() {
     // Locked: 15 minutes by default.
     assert!(retry_after.is_some_and(|s| s > 10 * 60), "{retry_after:?}");
     // The right password is refused too, from anywhere.
-    let (status, _) = http_from(k.port, "127.0.0.6", &login_request("bob", "Password-123"));
+    let (status, _) = http_from(
+        k.port,
+        "127.0.0.6",
+        &login_request("bob", common::USER_PASSWORD),
+    );
     assert_eq!(status, 429);
     // Other accounts are not locked.
     let mut c = k.client();
@@ -512,7 +495,7 @@ fn every_file_keeld_makes_is_its_own_and_no_secret_is_stored() {
 #[test]
 fn idempotency_keys_are_bound_to_the_request_and_kept_only_for_successes() {
     let k = Keeld::start("sec-idem");
-    let viewer = user(&k, "view", "default", "viewer");
+    let viewer = k.user("view", "default", "viewer");
     let key = [("Idempotency-Key", "disk-1")];
     let first = k
         .admin

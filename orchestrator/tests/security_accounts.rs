@@ -12,28 +12,6 @@ use common::{Keeld, keel_cli, send, ticks};
 use keel_api::keeld_client::KeeldClient;
 use serde_json::{Value, json};
 
-/// A user with `role` in `project` (none when `project` is empty), logged
-/// in.
-fn user(k: &Keeld, name: &str, password: &str, project: &str, role: &str) -> KeeldClient {
-    let r = send(
-        &k.admin,
-        "POST",
-        "/api/v1/users",
-        Some(json!({"name": name, "password": password})),
-    );
-    assert_eq!(r.status, 201, "{}", r.text);
-    if !project.is_empty() {
-        let r = send(
-            &k.admin,
-            "PUT",
-            &format!("/api/v1/projects/{project}/members/{name}"),
-            Some(json!({"role": role})),
-        );
-        assert_eq!(r.status, 200, "{}", r.text);
-    }
-    login(k, name, password)
-}
-
 fn login(k: &Keeld, name: &str, password: &str) -> KeeldClient {
     let mut c = k.client();
     c.login(name, password)
@@ -112,8 +90,8 @@ fn images_are_shared_only_into_the_sharers_projects_and_named_by_owner() {
     k.admin
         .post("/api/v1/projects", &json!({"name": "other"}))
         .unwrap();
-    let eve = user(&k, "eve", "Password-eve1", "other", "admin");
-    let olly = user(&k, "olly", "Password-olly1", "default", "operator");
+    let eve = k.user_with_password("eve", "Password-eve1", "other", "admin");
+    let olly = k.user_with_password("olly", "Password-olly1", "default", "operator");
 
     let r = eve
         .post(
@@ -190,7 +168,7 @@ fn passwords_can_be_changed_and_reset() {
     let mut k = Keeld::start("acct-passwd");
     let old = "Password-123";
     let new = "Changed-pass-456";
-    let alice = user(&k, "alice", old, "default", "viewer");
+    let alice = k.user_with_password("alice", old, "default", "viewer");
     let other_session = login(&k, "alice", old);
     assert_eq!(whoami(&other_session), 200);
 
@@ -439,7 +417,7 @@ fn tokens_stay_out_of_urls_and_consoles_open_with_tickets() {
     k.admin
         .post("/api/v1/projects", &json!({"name": "other"}))
         .unwrap();
-    let stranger = user(&k, "stranger", "Password-123", "other", "admin");
+    let stranger = k.user_with_password("stranger", "Password-123", "other", "admin");
     let r = send(
         &stranger,
         "POST",

@@ -17,28 +17,6 @@ use keel_api::keeld_client::{KeeldClient, Reply};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-fn user(k: &Keeld, name: &str, project: &str, role: &str) -> KeeldClient {
-    k.admin
-        .post(
-            "/api/v1/users",
-            &json!({"name": name, "password": "password-1"}),
-        )
-        .unwrap();
-    let r = k
-        .admin
-        .send(
-            "PUT",
-            &format!("/api/v1/projects/{project}/members/{name}"),
-            Some(&json!({"role": role})),
-            &[],
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text);
-    let mut c = k.client();
-    c.login(name, "password-1").unwrap();
-    c
-}
-
 /// `POST /api/v1/images` from `url`.
 fn import(client: &KeeldClient, name: &str, url: &str) -> Reply {
     send(
@@ -170,7 +148,7 @@ fn own_address() -> Option<String> {
 #[test]
 fn internal_addresses_are_refused_without_an_allow_rule() {
     let k = Keeld::start("url-ssrf");
-    let operator = user(&k, "op", "default", "operator");
+    let operator = k.user("op", "default", "operator");
     let metrics = format!("http://127.0.0.1:{}/metrics", k.port);
     assert_refused(&operator, "metrics", &metrics);
     assert_refused(&k.admin, "metrics", &metrics);

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use keel_api::keeld_client::{KeeldClient, Reply};
 use serde_json::{Value, json};
 
+/// The password of the users tests make with [`Keeld::user`].
+pub const USER_PASSWORD: &str = "Password-123";
+
 pub fn keel_vmm() -> PathBuf {
     if let Some(p) = std::env::var_os("KEEL_VMM") {
         return PathBuf::from(p);
@@ -170,6 +173,42 @@ impl Keeld {
             std::fs::copy(keel_tests::freestanding::guest_elf(), &to).unwrap();
         }
         to
+    }
+
+    /// A user with `role` in `project` (no project when it is empty),
+    /// logged in with `password`.
+    pub fn user_with_password(
+        &self,
+        name: &str,
+        password: &str,
+        project: &str,
+        role: &str,
+    ) -> KeeldClient {
+        let r = send(
+            &self.admin,
+            "POST",
+            "/api/v1/users",
+            Some(json!({"name": name, "password": password})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text);
+        if !project.is_empty() {
+            let r = send(
+                &self.admin,
+                "PUT",
+                &format!("/api/v1/projects/{project}/members/{name}"),
+                Some(json!({"role": role})),
+            );
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+        let mut c = self.client();
+        c.login(name, password)
+            .unwrap_or_else(|e| panic!("{name} logs in: {e}"));
+        c
+    }
+
+    /// A user with `role` in `project`, password [`USER_PASSWORD`].
+    pub fn user(&self, name: &str, project: &str, role: &str) -> KeeldClient {
+        self.user_with_password(name, USER_PASSWORD, project, role)
     }
 
     pub fn client(&self) -> KeeldClient {
