@@ -32,6 +32,8 @@ const MAX_BODY: usize = 1 << 20;
 /// Keys are remembered this long (a client retrying after a day is making
 /// a new request).
 const KEEP_SECS: u64 = 24 * 3600;
+/// How long a repeat waits for the first request with its key to end.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Answers kept per user; the oldest go first.
 pub const MAX_PER_USER: usize = 1000;
 
@@ -84,9 +86,13 @@ pub async fn layer(State(keel): State<Arc<Keel>>, req: Request, next: Next) -> R
         .entry(id.clone())
         .or_default()
         .clone();
-    let response = {
-        let _guard = lock.lock().await;
-        run_once(&keel, req, next, &key, id.clone(), &caller, fingerprint).await
+    let response = match tokio::time::timeout(LOCK_WAIT, lock.lock()).await {
+        Ok(_guard) => run_once(&keel, req, next, &key, id.clone(), &caller, fingerprint).await,
+        Err(_) => ApiError::conflict(format!(
+            "A request with Idempotency-Key {key:?} is still running; retry later with the \
+             same key to get its answer"
+        ))
+        .into_response(),
     };
     // The lock goes with its last user, so the map holds only keys in use.
     let mut locks = keel
