@@ -21,7 +21,7 @@ D=/share
 mkdir -p /tmp/keel
 # 11 one-vCPU VMs at most on 2 CPUs: overcommit 8.
 keeld serve --data-dir /tmp/keel --listen 127.0.0.1:8080 --stop-timeout 90 --cpu-overcommit 8 \
-	--import-dir $D --url-import-allow 127.0.0.0/8 -v >/tmp/keeld.log 2>&1 &
+	--import-dir $D --import-dir /keel/guest --url-import-allow 127.0.0.0/8 -v >/tmp/keeld.log 2>&1 &
 n=0; while ! grep -q serving /tmp/keeld.log && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
 KEEL_PASSWORD=$(cat /tmp/keel/initial-admin-password) keel login >/dev/null && mark LOGIN-OK
 keel image import debian-12 --path $D/rootfs.raw --kernel $D/vmlinuz --initramfs $D/initrd.img \
