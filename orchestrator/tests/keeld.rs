@@ -965,15 +965,7 @@ fn serial_console_over_websocket() {
         json!({"name": "c", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
     );
     let id = vm["id"].as_str().unwrap();
-    let url = format!("ws://127.0.0.1:{}/api/v1/vms/{id}/console", k.port);
-    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", k.admin.token().unwrap())
-            .parse()
-            .unwrap(),
-    );
-    let (mut ws, _) = tungstenite::connect(request).unwrap();
+    let mut ws = common::open_console(&k, &k.admin, id);
     let mut seen = String::new();
     let start = Instant::now();
     while ticks(&seen) < 5 {

@@ -385,17 +385,8 @@ fn console_stays_open_past_the_client_timeout() {
         json!({"name": "c", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
     );
     let id = vm["id"].as_str().unwrap();
-    let url = format!("ws://127.0.0.1:{}/api/v1/vms/{id}/console", k.port);
     let open = || {
-        let mut request =
-            tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).unwrap();
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", k.admin.token().unwrap())
-                .parse()
-                .unwrap(),
-        );
-        let (mut ws, _) = tungstenite::connect(request).unwrap();
+        let mut ws = common::open_console(&k, &k.admin, id);
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
             s.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();

@@ -397,3 +397,19 @@ pub fn keel_cli(k: &Keeld, args: &[&str], env: &[(&str, &str)]) -> (i32, String,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A console WebSocket, as tungstenite gives it.
+pub type Console = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// Opens VM `id`'s console as `client`, its token in the header.
+pub fn open_console(k: &Keeld, client: &KeeldClient, id: &str) -> Console {
+    let url = format!("ws://127.0.0.1:{}/api/v1/vms/{id}/console", k.port);
+    let mut request = tungstenite::client::IntoClientRequest::into_client_request(url).unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", client.token().unwrap())
+            .parse()
+            .unwrap(),
+    );
+    tungstenite::connect(request).unwrap().0
+}
