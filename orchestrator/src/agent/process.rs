@@ -85,7 +85,13 @@ pub fn rotate_serial(files: &VmFiles, max: u64) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     }
-    std::fs::copy(&path, files.serial_old())?;
+    // Copied beside, then renamed: a reader (the console, the API's tail)
+    // never sees a half-copied serial.log.1.
+    let old = files.serial_old();
+    let mut copying = old.clone().into_os_string();
+    copying.push(".tmp");
+    std::fs::copy(&path, &copying)?;
+    std::fs::rename(&copying, &old)?;
     OpenOptions::new().write(true).open(&path)?.set_len(0)?;
     Ok(true)
 }
