@@ -174,8 +174,12 @@ sha256sum <net-rxcopy >net-rxsum &
 /keel/guest/keel-vsock tcp-listen 5000 <net-hold 2>/dev/null | tee net-rxcopy | wc -c >net-rxbytes &
 exec 3>net-hold
 ({vmm_command})
-echo "KEEL-L1 VMM-EXIT $?"
+status=$?
+echo "KEEL-L1 VMM-EXIT $status"
 exec 3>&-
+# A guest that died leaves the listeners waiting for a peer: end them, so a
+# failed run costs seconds rather than the whole case timeout.
+[ $status -eq 0 ] || killall keel-vsock 2>/dev/null
 wait
 echo "KEEL-L1 NET-TX $(({net_mib} * 1048576)) $(cut -d' ' -f1 net-txsum)"
 echo "KEEL-L1 NET-RX $(cat net-rxbytes) $(cut -d' ' -f1 net-rxsum)"
@@ -382,14 +386,18 @@ fn virtio_devices_with_a_debian_guest() {
     assert_eq!(sha256_file(&share.join("ro.img")), ro_image_before);
 
     // (d) Network: ping, then net_mib() MiB each way with matching checksums.
-    // Sustained TCP in the nested lab sometimes stalls the L2 guest under
-    // any VMM (QEMU included: TCG's emulated SVM, see the issue 4 note), so
-    // a run that did not end cleanly gets one more try in a fresh L1. The
-    // first failure is printed, never hidden.
+    // Sustained TCP in the nested lab sometimes stalls or triple-faults the
+    // L2 guest under any VMM (QEMU included: TCG's emulated SVM, see the
+    // issue 4 note), so a run that did not end cleanly gets up to two more
+    // tries, each in a fresh L1. Every failure is printed, never hidden.
+    const NET_TRIES: usize = 3;
     let mut case = results.get("net").clone();
-    if !case.has_line("KEEL-L1 VMM-EXIT 0") {
+    for attempt in 2..=NET_TRIES {
+        if case.has_line("KEEL-L1 VMM-EXIT 0") {
+            break;
+        }
         eprintln!(
-            "lab_virtio: the net case did not end cleanly; retrying once in a fresh L1. First run:\n{}",
+            "lab_virtio: the net case did not end cleanly; try {attempt} of {NET_TRIES} in a fresh L1. Failed run:\n{}",
             case.output()
         );
         let mut retry = LabSession::new().smp(2);
