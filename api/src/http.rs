@@ -223,9 +223,11 @@ impl Response {
         Response { status, body }
     }
 
-    /// The bytes on the wire.
+    /// The bytes on the wire. The reason phrase is empty, as Cloud
+    /// Hypervisor writes it: its `ch-remote` takes everything between
+    /// `HTTP/1.1 ` and the first `\r` as the status code.
     pub fn encode(&self, keep_alive: bool) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        let mut head = format!("HTTP/1.1 {} \r\n", self.status);
         head.push_str("Server: keel-vmm\r\n");
         if self.status != 204 && self.status >= 200 {
             let _ = write!(
@@ -317,6 +319,63 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads a reply the way Cloud Hypervisor v53's `api_client` does:
+    /// the status is the text from `HTTP/1.1 ` to the first CR, trimmed;
+    /// `Content-Length: ` is found by exact spelling; without it the body
+    /// is absent.
+    fn parse_like_ch_remote(raw: &str) -> Result<(u16, Option<String>), String> {
+        let at = raw.find("HTTP/1.1").ok_or("missing protocol")?;
+        let line_end = at + raw[at..].find('\r').ok_or("no CR")?;
+        let status = raw[at + "HTTP/1.1 ".len()..line_end]
+            .trim()
+            .parse::<u16>()
+            .map_err(|e| format!("Error parsing HTTP status code: {e}"))?;
+        let head_end = raw.find("\r\n\r\n").ok_or("no end of headers")? + 4;
+        let length = match raw.find("Content-Length: ") {
+            Some(o) => {
+                let value =
+                    &raw[o + "Content-Length: ".len()..o + raw[o..].find('\r').ok_or("no CR")?];
+                Some(value.trim().parse::<usize>().map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        let body = length.map(|n| raw[head_end..head_end + n].to_string());
+        Ok((status, body))
+    }
+
+    #[test]
+    fn replies_parse_the_way_ch_remote_parses_them() {
+        for (status, body) in [
+            (200, br#"{"build_version":"keel"}"#.to_vec()),
+            (204, Vec::new()),
+            (400, br#"["bad","worse"]"#.to_vec()),
+            (404, b"[]".to_vec()),
+            (500, br#"["boom"]"#.to_vec()),
+        ] {
+            for keep_alive in [true, false] {
+                let raw = Response {
+                    status,
+                    body: body.clone(),
+                }
+                .encode(keep_alive);
+                let raw = String::from_utf8(raw).unwrap();
+                let (parsed, parsed_body) = parse_like_ch_remote(&raw).unwrap();
+                assert_eq!(parsed, status, "{raw:?}");
+                if status == 204 {
+                    assert_eq!(parsed_body, None, "{raw:?}");
+                } else {
+                    assert_eq!(parsed_body.as_deref().map(str::as_bytes), Some(&body[..]));
+                }
+                assert!(
+                    raw.starts_with(&format!("HTTP/1.1 {status} \r\n")),
+                    "{raw:?}"
+                );
+            }
+        }
+        // What keel-vmm wrote before: the reason phrase broke ch-remote.
+        assert!(parse_like_ch_remote("HTTP/1.1 200 OK\r\n\r\n").is_err());
+    }
 
     #[test]
     fn ch_remote_shaped_request_parses() {
