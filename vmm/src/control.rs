@@ -28,6 +28,7 @@ use crate::event_monitor::EventMonitor;
 use crate::terminal;
 use crate::vm::{Hypervisor, RunningVm, Vm};
 use crate::{Error, EventSender, Outcome, VmEvent};
+use keel_api::events::EventKind;
 
 /// A booted VM: its devices and its vCPUs.
 struct Booted {
@@ -101,7 +102,7 @@ impl Control {
         monitor: EventMonitor,
         published: Arc<Published>,
     ) -> Self {
-        monitor.emit("vmm", "starting", None);
+        monitor.vmm(EventKind::Starting);
         Control {
             published,
             hypervisor,
@@ -153,7 +154,7 @@ impl Control {
             }
         };
         self.shutdown_vm();
-        self.monitor.emit("vmm", "shutdown", None);
+        self.monitor.vmm(EventKind::Shutdown);
         outcome
     }
 
@@ -165,7 +166,7 @@ impl Control {
                 return Ok(());
             }
         };
-        self.monitor.vm("booting");
+        self.monitor.vm(EventKind::Booting);
         match self.start(&config) {
             Ok((devices, vm, raw)) => {
                 self.machine = Machine::Running(Box::new(Booted {
@@ -175,7 +176,7 @@ impl Control {
                     boots: 1,
                     _raw_terminal: raw,
                 }));
-                self.monitor.vm("booted");
+                self.monitor.vm(EventKind::Booted);
                 Ok(())
             }
             Err(e) => {
@@ -220,7 +221,7 @@ impl Control {
         let Machine::Running(booted) = &mut self.machine else {
             return Ok(());
         };
-        self.monitor.vm("rebooting");
+        self.monitor.vm(EventKind::Rebooting);
         if let Some(vm) = booted.vm.take() {
             vm.stop();
         }
@@ -236,7 +237,7 @@ impl Control {
         );
         let vm = Vm::new(&self.hypervisor, &booted.config, &booted.devices)?;
         booted.vm = Some(vm.start(self.tx.clone())?);
-        self.monitor.vm("rebooted");
+        self.monitor.vm(EventKind::Rebooted);
         Ok(())
     }
 
@@ -254,7 +255,7 @@ impl Control {
             }
             devices.finish();
             self.machine = Machine::Shutdown(Box::new(config));
-            self.monitor.vm("shutdown");
+            self.monitor.vm(EventKind::Shutdown);
         }
     }
 
@@ -295,7 +296,7 @@ impl Control {
             }
             VmEvent::Platform(PlatformEvent::PowerOff) => Next::Exit(Outcome::PoweredOff),
             VmEvent::Platform(PlatformEvent::GuestPanic) => {
-                self.monitor.vm("panic");
+                self.monitor.vm(EventKind::Panic);
                 Next::Exit(Outcome::GuestPanicked)
             }
             VmEvent::VcpuStopped { id, reason } => {
@@ -335,7 +336,7 @@ impl Control {
                     let mut config = *config;
                     config.assign_device_ids();
                     self.machine = Machine::Created(Box::new(config));
-                    self.monitor.vm("created");
+                    self.monitor.vm(EventKind::Created);
                     Response::no_content()
                 }
                 ApiAction::ShutdownVmm | ApiAction::Delete => Response::no_content(),
@@ -368,10 +369,10 @@ impl Control {
             }
             ApiAction::Pause => match (&mut self.machine, state) {
                 (Machine::Running(b), VmState::Running) => {
-                    self.monitor.vm("pausing");
+                    self.monitor.vm(EventKind::Pausing);
                     match b.vm.as_mut().map_or(Ok(()), RunningVm::pause) {
                         Ok(()) => {
-                            self.monitor.vm("paused");
+                            self.monitor.vm(EventKind::Paused);
                             Response::no_content()
                         }
                         Err(e) => Response::error(500, &error_chain(&e)),
@@ -381,10 +382,10 @@ impl Control {
             },
             ApiAction::Resume => match (&mut self.machine, state) {
                 (Machine::Running(b), VmState::Paused) => {
-                    self.monitor.vm("resuming");
+                    self.monitor.vm(EventKind::Resuming);
                     match b.vm.as_mut().map_or(Ok(()), RunningVm::resume) {
                         Ok(()) => {
-                            self.monitor.vm("resumed");
+                            self.monitor.vm(EventKind::Resumed);
                             Response::no_content()
                         }
                         Err(e) => Response::error(500, &error_chain(&e)),
@@ -420,7 +421,7 @@ impl Control {
             ApiAction::Delete => {
                 self.shutdown_vm();
                 self.machine = Machine::Empty;
-                self.monitor.vm("deleted");
+                self.monitor.vm(EventKind::Deleted);
                 Response::no_content()
             }
             ApiAction::AddDisk(disk) => {
@@ -571,7 +572,7 @@ impl Control {
                     net.tap = Some(tap);
                 }
                 booted.config = changed;
-                self.monitor.device("device-added", &info.id);
+                self.monitor.device(EventKind::DeviceAdded, &info.id);
                 Response::json(200, serde_json::to_vec(&info).unwrap_or_default())
             }
             Err(e) => Response::error(500, &error_chain(&e)),
@@ -597,7 +598,7 @@ impl Control {
             config.vsock = None;
         }
         log::info!("Device {id} removed (the guest ejected slot {slot})");
-        self.monitor.device("device-removed", &id);
+        self.monitor.device(EventKind::DeviceRemoved, &id);
     }
 
     fn cold_add(
@@ -629,7 +630,7 @@ impl Control {
             .collect();
         *config = changed;
         for id in added {
-            self.monitor.device("device-added", &id);
+            self.monitor.device(EventKind::DeviceAdded, &id);
         }
         Response::no_content()
     }
@@ -648,7 +649,7 @@ impl Control {
         if config.device_ids().len() == before {
             return status(404, format!("No device with id '{id}'"));
         }
-        self.monitor.device("device-removed", id);
+        self.monitor.device(EventKind::DeviceRemoved, id);
         Response::no_content()
     }
 

@@ -11,19 +11,15 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use keel_api::events::{EventKind, EventSource, Timestamp};
 use serde::Serialize;
 
-#[derive(Serialize)]
-struct Timestamp {
-    secs: u64,
-    nanos: u32,
-}
-
+/// [`keel_api::events::VmmEvent`]'s shape, borrowing its properties.
 #[derive(Serialize)]
 struct Event<'a> {
     timestamp: Timestamp,
-    source: &'a str,
-    event: &'a str,
+    source: EventSource,
+    event: EventKind,
     properties: Option<&'a BTreeMap<String, String>>,
 }
 
@@ -64,8 +60,13 @@ impl EventMonitor {
         }
     }
 
-    /// Records `event` from `source` ("vmm", "vm", "virtio-device").
-    pub fn emit(&self, source: &str, event: &str, properties: Option<&BTreeMap<String, String>>) {
+    /// Records `event` from `source`.
+    pub fn emit(
+        &self,
+        source: EventSource,
+        event: EventKind,
+        properties: Option<&BTreeMap<String, String>>,
+    ) {
         let Some(out) = &self.out else {
             return;
         };
@@ -90,14 +91,19 @@ impl EventMonitor {
         }
     }
 
-    pub fn vm(&self, event: &str) {
-        self.emit("vm", event, None);
+    pub fn vm(&self, event: EventKind) {
+        self.emit(EventSource::Vm, event, None);
+    }
+
+    /// The VMM process itself starting or shutting down.
+    pub fn vmm(&self, event: EventKind) {
+        self.emit(EventSource::Vmm, event, None);
     }
 
     /// A device event with its id (`device-added`, `device-removed`).
-    pub fn device(&self, event: &str, id: &str) {
+    pub fn device(&self, event: EventKind, id: &str) {
         let props = BTreeMap::from([("id".to_string(), id.to_string())]);
-        self.emit("vm", event, Some(&props));
+        self.emit(EventSource::Vm, event, Some(&props));
     }
 }
 
@@ -110,9 +116,9 @@ mod tests {
         let path = std::env::temp_dir().join(format!("keel-events-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let monitor = EventMonitor::to_path(&path).unwrap();
-        monitor.emit("vmm", "starting", None);
-        monitor.vm("booted");
-        monitor.device("device-added", "_disk0");
+        monitor.vmm(EventKind::Starting);
+        monitor.vm(EventKind::Booted);
+        monitor.device(EventKind::DeviceAdded, "_disk0");
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()

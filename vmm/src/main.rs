@@ -8,6 +8,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use clap::Parser;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
+use keel_api::events::VmmExit;
 use keel_api::{
     ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, DiskConfig, MemoryConfig, NetConfig,
     PayloadConfig, RngConfig, VmConfig, VsockConfig,
@@ -15,10 +16,11 @@ use keel_api::{
 use keel_vmm::event_monitor::EventMonitor;
 use keel_vmm::{Outcome, VmmOptions};
 
-/// Exit statuses, documented in the README.
-const EXIT_BAD_INPUT: u8 = 1;
-const EXIT_GUEST_CRASHED: u8 = 2;
-const EXIT_GUEST_PANICKED: u8 = 3;
+/// Exit statuses (documented in the README), typed in `keel_api` so
+/// keeld reads them with the same meaning.
+const EXIT_BAD_INPUT: u8 = VmmExit::BadInput.code();
+const EXIT_GUEST_CRASHED: u8 = VmmExit::GuestCrashed.code();
+const EXIT_GUEST_PANICKED: u8 = VmmExit::GuestPanicked.code();
 
 #[derive(Parser, Debug)]
 #[command(

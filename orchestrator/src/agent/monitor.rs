@@ -8,8 +8,8 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_api::events::{EventKind, EventSource, VmmEvent, VmmExit};
 use keel_api::vmm_api::VmState;
-use serde::Deserialize;
 
 use super::{files, process, set_vm};
 use crate::keel::Keel;
@@ -18,14 +18,6 @@ use crate::model::{PowerState, RestartPolicy, VmStatus};
 const POLL: Duration = Duration::from_millis(100);
 /// How often the serial log's size is checked against its limit.
 const SERIAL_CHECK: Duration = Duration::from_secs(5);
-
-#[derive(Deserialize)]
-struct VmmEvent {
-    source: String,
-    event: String,
-    #[serde(default)]
-    properties: Option<serde_json::Map<String, serde_json::Value>>,
-}
 
 /// Watches the VM's keel-vmm on a task of its own until it ends. `child` is
 /// given when this keeld started it (then its exit status is known).
@@ -138,25 +130,20 @@ fn read_events(
 
 /// One event from the VMM: the status it implies, and a line in the log.
 fn apply(keel: &Keel, id: &str, line: &str) {
-    let Ok(event) = serde_json::from_str::<VmmEvent>(line) else {
+    let Some(event) = VmmEvent::parse(line) else {
         log::debug!("VM {id}: unreadable event line {line:?}");
         return;
     };
-    let device = event
-        .properties
-        .as_ref()
-        .and_then(|p| p.get("id"))
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
-    keel.event(id, &event.event, device);
-    if event.source != "vm" {
+    let device = event.device_id().unwrap_or("");
+    keel.event(id, &event.name(), device);
+    if event.source != EventSource::Vm {
         return;
     }
-    let status = match event.event.as_str() {
-        "booting" | "rebooting" => Some(VmStatus::Starting),
-        "booted" | "resumed" | "rebooted" => Some(VmStatus::Running),
-        "paused" => Some(VmStatus::Paused),
-        "device-removed" => {
+    let status = match event.event {
+        EventKind::Booting | EventKind::Rebooting => Some(VmStatus::Starting),
+        EventKind::Booted | EventKind::Resumed | EventKind::Rebooted => Some(VmStatus::Running),
+        EventKind::Paused => Some(VmStatus::Paused),
+        EventKind::DeviceRemoved => {
             keel.agent.note_removed(id, device);
             None
         }
@@ -178,8 +165,17 @@ fn apply(keel: &Keel, id: &str, line: &str) {
 fn outcome(keel: &Keel, id: &str, code: Option<i32>) -> (bool, String) {
     let files = files(keel, id);
     let words = process::last_words(&files);
-    let events = std::fs::read_to_string(files.events()).unwrap_or_default();
-    let panicked = events.contains("\"event\":\"panic\"");
+    let events: Vec<VmmEvent> = std::fs::read_to_string(files.events())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(VmmEvent::parse)
+        .collect();
+    let panicked = events
+        .iter()
+        .any(|e| e.source == EventSource::Vm && e.event == EventKind::Panic);
+    let shut_down = events
+        .iter()
+        .any(|e| e.source == EventSource::Vmm && e.event == EventKind::Shutdown);
     let explain = |what: &str| {
         if words.is_empty() {
             what.to_string()
@@ -187,19 +183,20 @@ fn outcome(keel: &Keel, id: &str, code: Option<i32>) -> (bool, String) {
             format!("{what}: {words}")
         }
     };
-    match code {
-        Some(0) => (true, "the guest powered off".into()),
-        Some(3) => (false, explain("the guest kernel panicked")),
-        Some(2) => (false, explain("the guest crashed the VM")),
-        Some(c) if c > 128 => (
+    match code.map(|c| (c, VmmExit::from_code(c))) {
+        Some((_, Some(VmmExit::Clean))) => (true, "the guest powered off".into()),
+        Some((_, Some(VmmExit::GuestPanicked))) => (false, explain("the guest kernel panicked")),
+        Some((_, Some(VmmExit::GuestCrashed))) => (false, explain("the guest crashed the VM")),
+        Some((_, Some(VmmExit::BadInput))) => {
+            (false, explain("keel-vmm refused the VM's configuration"))
+        }
+        Some((c, None)) if c > 128 => (
             false,
             explain(&format!("keel-vmm was killed by signal {}", c - 128)),
         ),
-        Some(c) => (false, explain(&format!("keel-vmm exited with status {c}"))),
+        Some((c, None)) => (false, explain(&format!("keel-vmm exited with status {c}"))),
         None if panicked => (false, explain("the guest kernel panicked")),
-        None if events.contains("\"source\":\"vmm\",\"event\":\"shutdown\"") => {
-            (true, "the guest powered off".into())
-        }
+        None if shut_down => (true, "the guest powered off".into()),
         None => (
             false,
             explain(
