@@ -16,7 +16,7 @@ use keel_api::{
 use keel_vmm::event_monitor::EventMonitor;
 use keel_vmm::{Outcome, VmmOptions};
 
-/// Exit statuses (documented in the README), typed in `keel_api` so
+/// Exit statuses (documented in docs/keel-vmm.md), typed in `keel_api` so
 /// keeld reads them with the same meaning.
 const EXIT_BAD_INPUT: u8 = VmmExit::BadInput.code();
 const EXIT_GUEST_CRASHED: u8 = VmmExit::GuestCrashed.code();
