@@ -86,7 +86,7 @@ fn default_net_queue_size() -> u16 {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ch_compat::DiskConfigWire")]
 pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
@@ -209,7 +209,7 @@ impl<'de> Deserialize<'de> for MacAddr {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ch_compat::NetConfigWire")]
 pub struct NetConfig {
     /// The host TAP device; created when it does not exist.
     #[serde(default)]
@@ -342,7 +342,7 @@ impl RngConfig {
 pub const MIN_GUEST_CID: u64 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ch_compat::VsockConfigWire")]
 pub struct VsockConfig {
     pub cid: u64,
     /// The host-side Unix socket.
@@ -387,9 +387,319 @@ impl VsockConfig {
     }
 }
 
+/// The JSON bodies of Cloud Hypervisor's disk, NIC and vsock configs.
+/// Stock `ch-remote` (v53) serializes its whole config, so `add-disk
+/// path=X` arrives as `{"pci_segment":0,"path":"X",…,"vhost_user":false,
+/// "sparse":true,"image_type":"Unknown","lock_granularity":"ByteRange"}`.
+/// Cloud Hypervisor's fields that Keel does not model are taken with the
+/// values that mean what Keel does anyway, and refused (naming the field)
+/// otherwise; unknown fields are still refused.
+mod ch_compat {
+    use std::net::Ipv4Addr;
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+    use serde::de::IgnoredAny;
+
+    use super::{DiskConfig, MacAddr, NetConfig, VsockConfig};
+    use super::{
+        default_net_queue_size, default_net_queues, default_num_queues, default_queue_size,
+    };
+
+    fn yes() -> bool {
+        true
+    }
+
+    fn unsupported(field: &str, value: impl std::fmt::Display, why: &str) -> String {
+        format!("{field}={value} is not supported: {why}")
+    }
+
+    /// `PciDeviceCommonConfig`, flattened into every device config.
+    fn pci_common(pci_segment: u16, iommu: bool, pci_device_id: Option<u8>) -> Result<(), String> {
+        if pci_segment != 0 {
+            return Err(unsupported(
+                "pci_segment",
+                pci_segment,
+                "Keel has one PCI segment, 0",
+            ));
+        }
+        if iommu {
+            return Err(unsupported("iommu", iommu, "Keel has no virtual IOMMU"));
+        }
+        if let Some(slot) = pci_device_id {
+            return Err(unsupported("pci_device_id", slot, "Keel chooses the slot"));
+        }
+        Ok(())
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct DiskConfigWire {
+        path: PathBuf,
+        #[serde(default)]
+        readonly: bool,
+        #[serde(default)]
+        direct: bool,
+        #[serde(default = "default_num_queues")]
+        num_queues: u16,
+        #[serde(default = "default_queue_size")]
+        queue_size: u16,
+        #[serde(default)]
+        disable_io_uring: bool,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        serial: Option<String>,
+        // Cloud Hypervisor's.
+        #[serde(default)]
+        pci_segment: u16,
+        #[serde(default)]
+        iommu: bool,
+        #[serde(default)]
+        pci_device_id: Option<u8>,
+        #[serde(default)]
+        vhost_user: bool,
+        #[serde(default)]
+        vhost_socket: Option<String>,
+        #[serde(default)]
+        rate_limit_group: Option<String>,
+        #[serde(default)]
+        rate_limiter_config: Option<IgnoredAny>,
+        /// Keel has no AIO path (io_uring, or blocking I/O): nothing to turn off.
+        #[serde(default)]
+        #[allow(dead_code)]
+        disable_aio: bool,
+        #[serde(default)]
+        queue_affinity: Option<IgnoredAny>,
+        #[serde(default)]
+        backing_files: bool,
+        #[serde(default = "yes")]
+        sparse: bool,
+        #[serde(default)]
+        image_type: Option<String>,
+        #[serde(default)]
+        lock_granularity: Option<String>,
+    }
+
+    impl TryFrom<DiskConfigWire> for DiskConfig {
+        type Error = String;
+
+        fn try_from(w: DiskConfigWire) -> Result<Self, String> {
+            pci_common(w.pci_segment, w.iommu, w.pci_device_id)?;
+            if w.vhost_user || w.vhost_socket.is_some() {
+                return Err(unsupported(
+                    "vhost_user",
+                    true,
+                    "Keel has no vhost-user disks",
+                ));
+            }
+            if w.rate_limit_group.is_some() || w.rate_limiter_config.is_some() {
+                return Err(
+                    "rate limiting (rate_limit_group, rate_limiter_config) is not supported".into(),
+                );
+            }
+            if w.queue_affinity.is_some() {
+                return Err("queue_affinity is not supported".into());
+            }
+            if w.backing_files {
+                return Err(unsupported(
+                    "backing_files",
+                    true,
+                    "Keel opens raw images only",
+                ));
+            }
+            if !w.sparse {
+                return Err(unsupported(
+                    "sparse",
+                    false,
+                    "Keel punches holes for DISCARD and WRITE_ZEROES",
+                ));
+            }
+            match w.image_type.as_deref() {
+                None | Some("Unknown" | "Raw") => {}
+                Some(other) => {
+                    return Err(unsupported(
+                        "image_type",
+                        other,
+                        "Keel opens raw images only",
+                    ));
+                }
+            }
+            match w.lock_granularity.as_deref() {
+                // Keel locks the whole file (OFD); either choice is served.
+                None | Some("ByteRange" | "Full") => {}
+                Some(other) => {
+                    return Err(unsupported(
+                        "lock_granularity",
+                        other,
+                        "expected ByteRange or Full",
+                    ));
+                }
+            }
+            Ok(DiskConfig {
+                path: w.path,
+                readonly: w.readonly,
+                direct: w.direct,
+                num_queues: w.num_queues,
+                queue_size: w.queue_size,
+                disable_io_uring: w.disable_io_uring,
+                id: w.id,
+                serial: w.serial,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct NetConfigWire {
+        #[serde(default)]
+        tap: Option<String>,
+        #[serde(default)]
+        mac: Option<MacAddr>,
+        #[serde(default)]
+        ip: Option<Ipv4Addr>,
+        #[serde(default)]
+        mask: Option<Ipv4Addr>,
+        #[serde(default = "default_net_queues")]
+        num_queues: u16,
+        #[serde(default = "default_net_queue_size")]
+        queue_size: u16,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        fds: Option<Vec<i32>>,
+        // Cloud Hypervisor's.
+        #[serde(default)]
+        pci_segment: u16,
+        #[serde(default)]
+        iommu: bool,
+        #[serde(default)]
+        pci_device_id: Option<u8>,
+        #[serde(default)]
+        host_mac: Option<MacAddr>,
+        #[serde(default)]
+        mtu: Option<u16>,
+        #[serde(default)]
+        vhost_user: bool,
+        #[serde(default)]
+        vhost_socket: Option<String>,
+        /// Only meaningful with vhost_user.
+        #[serde(default)]
+        #[allow(dead_code)]
+        vhost_mode: Option<String>,
+        #[serde(default)]
+        rate_limiter_config: Option<IgnoredAny>,
+        #[serde(default = "yes")]
+        offload_tso: bool,
+        #[serde(default = "yes")]
+        offload_ufo: bool,
+        #[serde(default = "yes")]
+        offload_csum: bool,
+    }
+
+    impl TryFrom<NetConfigWire> for NetConfig {
+        type Error = String;
+
+        fn try_from(w: NetConfigWire) -> Result<Self, String> {
+            pci_common(w.pci_segment, w.iommu, w.pci_device_id)?;
+            if let Some(mac) = w.host_mac {
+                return Err(unsupported(
+                    "host_mac",
+                    mac,
+                    "Keel leaves the tap's MAC to the host",
+                ));
+            }
+            if let Some(mtu) = w.mtu {
+                return Err(unsupported("mtu", mtu, "Keel does not set the MTU"));
+            }
+            if w.vhost_user || w.vhost_socket.is_some() {
+                return Err(unsupported(
+                    "vhost_user",
+                    true,
+                    "Keel has no vhost-user NICs",
+                ));
+            }
+            if w.rate_limiter_config.is_some() {
+                return Err("rate_limiter_config is not supported".into());
+            }
+            if !(w.offload_tso && w.offload_ufo && w.offload_csum) {
+                return Err("offload_tso/offload_ufo/offload_csum=false is not supported: Keel passes the offloads through".into());
+            }
+            Ok(NetConfig {
+                tap: w.tap,
+                mac: w.mac,
+                ip: w.ip,
+                mask: w.mask,
+                num_queues: w.num_queues,
+                queue_size: w.queue_size,
+                id: w.id,
+                fds: w.fds,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct VsockConfigWire {
+        cid: u64,
+        socket: PathBuf,
+        #[serde(default)]
+        id: Option<String>,
+        // Cloud Hypervisor's.
+        #[serde(default)]
+        pci_segment: u16,
+        #[serde(default)]
+        iommu: bool,
+        #[serde(default)]
+        pci_device_id: Option<u8>,
+    }
+
+    impl TryFrom<VsockConfigWire> for VsockConfig {
+        type Error = String;
+
+        fn try_from(w: VsockConfigWire) -> Result<Self, String> {
+            pci_common(w.pci_segment, w.iommu, w.pci_device_id)?;
+            Ok(VsockConfig {
+                cid: w.cid,
+                socket: w.socket,
+                id: w.id,
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bodies stock ch-remote v53 sends (captured from its socket).
+    #[test]
+    fn cloud_hypervisor_bodies_are_accepted() {
+        let disk = r#"{"pci_segment":0,"path":"/tmp/chr/extra.img","readonly":false,"direct":false,"num_queues":1,"queue_size":128,"vhost_user":false,"disable_io_uring":false,"disable_aio":false,"backing_files":false,"sparse":true,"image_type":"Unknown","lock_granularity":"ByteRange"}"#;
+        let d: DiskConfig = serde_json::from_str(disk).unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/chr/extra.img"));
+        let net = r#"{"pci_segment":0,"tap":"chrtap0","mac":"2e:74:a6:2e:9d:9b","num_queues":2,"queue_size":256,"vhost_user":false,"vhost_mode":"Client","offload_tso":true,"offload_ufo":true,"offload_csum":true}"#;
+        let n: NetConfig = serde_json::from_str(net).unwrap();
+        assert_eq!(n.tap.as_deref(), Some("chrtap0"));
+        let vsock = r#"{"pci_segment":0,"cid":3,"socket":"/tmp/chr/v.sock"}"#;
+        let v: VsockConfig = serde_json::from_str(vsock).unwrap();
+        assert_eq!(v.cid, 3);
+        // What Keel cannot do is refused by name; typos are still refused.
+        for (bad, what) in [
+            (r#"{"path":"/x","pci_segment":1}"#, "pci_segment=1"),
+            (r#"{"path":"/x","image_type":"Qcow2"}"#, "image_type=Qcow2"),
+            (r#"{"path":"/x","vhost_user":true}"#, "vhost_user"),
+            (r#"{"path":"/x","readonyl":true}"#, "unknown field"),
+        ] {
+            let e = serde_json::from_str::<DiskConfig>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+        // Keel's own output still reads back.
+        let again: DiskConfig = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert_eq!(again, d);
+    }
 
     #[test]
     fn disks() {

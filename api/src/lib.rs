@@ -4,6 +4,7 @@
 //! same documents can drive either VMM; [`options`] parses the command-line
 //! form (`--cpus boot=2,max=4`) into the same types.
 
+pub mod agent;
 pub mod client;
 pub mod device_config;
 pub mod events;

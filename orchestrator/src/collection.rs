@@ -23,6 +23,8 @@ pub struct Collection<T: Resource> {
     /// Grows with every write: what was computed from the items at one
     /// generation is still true while it has not moved.
     generation: AtomicU64,
+    /// Wakes whoever waits for a change ([`Collection::subscribe`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl<T: Resource> Collection<T> {
@@ -46,6 +48,7 @@ impl<T: Resource> Collection<T> {
             store,
             items: RwLock::new(items),
             generation: AtomicU64::new(1),
+            changed: tokio::sync::watch::Sender::new(1),
         })
     }
 
@@ -79,6 +82,41 @@ impl<T: Resource> Collection<T> {
 
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees every write: wait on it instead of polling.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changed.send_replace(g);
+    }
+
+    /// Waits until `done` holds for the item (or it is gone: `None`), at
+    /// most `timeout`; returns the item as it was last seen.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+        done: impl Fn(&T) -> bool,
+    ) -> Option<Arc<T>> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let item = self.get(id);
+            if item.as_deref().is_none_or(&done) {
+                return item;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return self.get(id);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -121,7 +159,7 @@ impl<T: Resource> Collection<T> {
                 value: value.clone(),
             },
         );
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.bump();
         Ok(Ok(value))
     }
 
@@ -152,7 +190,7 @@ impl<T: Resource> Collection<T> {
                 value: value.clone(),
             },
         );
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.bump();
         Ok(Some(value))
     }
 
@@ -162,7 +200,7 @@ impl<T: Resource> Collection<T> {
             return Ok(None);
         }
         self.store.delete(T::KIND, id)?;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.bump();
         Ok(items.remove(id).map(|e| e.value))
     }
 }

@@ -238,6 +238,22 @@ pub fn len_of(file: &mut File) -> io::Result<u64> {
     file.seek(SeekFrom::End(0))
 }
 
+/// (size, available) of the filesystem holding `path`, in bytes.
+pub fn disk_space(path: &Path) -> (u64, u64) {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return (0, 0);
+    };
+    // SAFETY: statvfs writes into the zeroed struct we pass; `c` is a valid
+    // NUL-terminated path.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return (0, 0);
+        }
+        (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
-//! The orchestrator's shared state: configuration, the store and its
-//! in-memory collections, the paths of everything under the data dir.
+//! The control plane's state: configuration, the store and its in-memory
+//! collections, and the node agent it drives (through [`NodeAgent`] only).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::agent::Agent;
+use crate::agent::NodeAgent;
 use crate::auth;
 use crate::collection::Collection;
 use crate::model::{
@@ -17,6 +17,8 @@ use crate::model::{
 };
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Log, Store, StoreError};
+
+pub use crate::paths::Paths;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -111,39 +113,6 @@ pub enum StartError {
     },
 }
 
-/// Where things live under the data dir.
-#[derive(Clone, Debug)]
-pub struct Paths {
-    root: PathBuf,
-}
-
-impl Paths {
-    pub fn database(&self) -> PathBuf {
-        self.root.join("keel.db")
-    }
-    pub fn images(&self) -> PathBuf {
-        self.root.join("images")
-    }
-    pub fn image_disk(&self, id: &str) -> PathBuf {
-        self.images().join(format!("{id}.raw"))
-    }
-    pub fn image_file(&self, id: &str, what: &str) -> PathBuf {
-        self.images().join(format!("{id}.{what}"))
-    }
-    pub fn disks(&self) -> PathBuf {
-        self.root.join("disks")
-    }
-    pub fn disk(&self, id: &str) -> PathBuf {
-        self.disks().join(format!("{id}.raw"))
-    }
-    pub fn vm_dir(&self, id: &str) -> PathBuf {
-        self.root.join("vms").join(id)
-    }
-    pub fn admin_password(&self) -> PathBuf {
-        self.root.join("initial-admin-password")
-    }
-}
-
 pub struct Keel {
     pub config: Config,
     pub paths: Paths,
@@ -157,7 +126,11 @@ pub struct Keel {
     pub vms: Collection<Vm>,
     pub operations: Collection<Operation>,
     pub idempotency: Collection<IdempotentReply>,
-    pub agent: Agent,
+    /// This node's agent (`keeld serve` runs it in-process).
+    pub agent: Arc<dyn NodeAgent>,
+    /// What the reconciler has in hand (starts and stops in flight,
+    /// restarts due).
+    pub reconciler: crate::control::reconciler::Reconciler,
     /// Where system admins may import host files from.
     pub import_roots: crate::host_files::ImportRoots,
     /// Argon2 runs here: bounded in number and memory.
@@ -165,12 +138,17 @@ pub struct Keel {
     pub login_throttle: crate::auth::throttle::Throttle,
     /// Short-lived, single-use tickets that open a VM's console.
     pub console_tickets: crate::auth::tickets::Tickets,
-    pub spares: crate::spares::Spares,
     /// Serialized VM list pages, by query, with the generation of
     /// `vms` they were made from.
     pub vm_list_cache: Mutex<HashMap<String, (u64, axum::body::Bytes)>>,
     /// One lock per idempotency key while its first request runs.
     pub idempotency_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn keel_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// The flavors a new installation has.
@@ -186,26 +164,27 @@ pub const DEFAULT_PROJECT: &str = "default";
 impl Keel {
     /// Opens the data dir and store; on first start creates the default
     /// project, flavors and the admin user, returning its password once.
-    pub fn open(config: Config) -> Result<(Arc<Keel>, Option<String>), StartError> {
-        let paths = Paths {
-            root: config.data_dir.clone(),
-        };
+    pub fn open(
+        config: Config,
+        agent: Arc<dyn NodeAgent>,
+    ) -> Result<(Arc<Keel>, Option<String>), StartError> {
+        let paths = Paths::new(&config.data_dir);
         for dir in [
-            paths.root.clone(),
+            paths.root().to_path_buf(),
             paths.images(),
             paths.disks(),
-            paths.root.join("vms"),
+            paths.vms(),
         ] {
             std::fs::create_dir_all(&dir).map_err(|source| StartError::DataDir {
                 path: dir.display().to_string(),
                 source,
             })?;
         }
-        crate::files::restrict_tree(&paths.root).map_err(|source| StartError::DataDir {
-            path: paths.root.display().to_string(),
+        crate::files::restrict_tree(paths.root()).map_err(|source| StartError::DataDir {
+            path: paths.root().display().to_string(),
             source,
         })?;
-        let import_roots = crate::host_files::ImportRoots::new(&config.import_dirs, &paths.root)?;
+        let import_roots = crate::host_files::ImportRoots::new(&config.import_dirs, paths.root())?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&paths.database())?);
         let keel = Arc::new(Keel {
             projects: Collection::load(store.clone())?,
@@ -217,15 +196,15 @@ impl Keel {
             vms: Collection::load(store.clone())?,
             operations: Collection::load(store.clone())?,
             idempotency: Collection::load(store.clone())?,
-            agent: Agent::default(),
+            agent,
+            reconciler: Default::default(),
             import_roots,
             passwords: crate::auth::password::PasswordPool::new(
-                crate::node::host_cpus() as usize,
+                keel_cpus(),
                 Duration::from_secs(2),
             ),
             login_throttle: crate::auth::throttle::Throttle::new(config.login_throttle),
             console_tickets: Default::default(),
-            spares: Default::default(),
             idempotency_locks: Mutex::new(HashMap::new()),
             vm_list_cache: Mutex::new(HashMap::new()),
             store,

@@ -5,17 +5,14 @@
 pub mod agent;
 pub mod auth;
 pub mod collection;
+pub mod control;
 pub mod files;
 pub mod host_files;
 pub mod images;
-pub mod iso9660;
 pub mod keel;
 pub mod model;
-pub mod node;
-pub mod operations;
+pub mod paths;
 pub mod quota;
-pub mod seed;
-pub mod spares;
 pub mod store;
 pub mod web;
 

@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keel_orchestrator::agent::{AgentConfig, LocalAgent};
+use keel_orchestrator::control::{jobs, operations, reconciler};
 use keel_orchestrator::images::Cidr;
 use keel_orchestrator::model::ImageStatus;
-use keel_orchestrator::{Config, Keel, agent, operations, spares, web};
+use keel_orchestrator::{Config, Keel, web};
 
 #[derive(Parser)]
 #[command(name = "keeld", version, about = "Keel's orchestrator")]
@@ -215,7 +217,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let (keel, password) = match Keel::open(config) {
+        // The node agent first: it finds the VMMs that outlived the last
+        // keeld (each holds its VM's lock) before the control plane looks.
+        let agent = LocalAgent::new(AgentConfig {
+            data_dir: config.data_dir.clone(),
+            vmm_binary: config.vmm_binary.clone(),
+            stop_timeout: config.stop_timeout,
+            serial_log_max: config.serial_log_max,
+        });
+        agent.recover().await;
+        let (keel, password) = match Keel::open(config, agent) {
             Ok(opened) => opened,
             Err(e) => {
                 eprintln!("keeld: {}", keel_orchestrator::files::chain(&e));
@@ -236,10 +247,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        operations::fail_interrupted(&keel);
-        agent::recover(&keel).await;
+        jobs::repair(&keel);
+        operations::resume(&keel);
+        reconciler::spawn(keel.clone());
         for image in keel.images.filter(|i| i.status == ImageStatus::Ready) {
-            spares::ensure(&keel, &image.id);
+            keel_orchestrator::control::images::ready(&keel, &image.id);
         }
         println!(
             "keeld: serving http://{listen}/api/v1 (data in {})",

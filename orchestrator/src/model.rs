@@ -276,19 +276,6 @@ pub struct GuestInit {
     pub ssh_authorized_keys: Vec<String>,
 }
 
-/// The keel-vmm process serving a VM, as the agent last saw it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct VmmProcess {
-    pub pid: i32,
-    /// /proc/PID/stat's start time, so a reused pid is not mistaken for it.
-    pub start_ticks: u64,
-    /// What the VMM was given room for: resizes within it need no reboot.
-    #[serde(default)]
-    pub max_vcpus: u8,
-    #[serde(default)]
-    pub max_memory_mib: u64,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Vm {
     pub id: String,
@@ -315,8 +302,6 @@ pub struct Vm {
     /// Set when deleted into the recycle bin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vmm: Option<VmmProcess>,
     /// Flavor changes that wait for the next boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_vcpus: Option<u8>,
@@ -354,6 +339,10 @@ pub struct Operation {
     pub created_at: u64,
     #[serde(default)]
     pub finished_at: u64,
+    /// What the job needs beyond its target, so a restarted keeld can
+    /// resume it.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub params: serde_json::Value,
 }
 resource!(Operation, Kind::Operation);
 

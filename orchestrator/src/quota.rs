@@ -11,7 +11,6 @@ use thiserror::Error;
 
 use crate::keel::Keel;
 use crate::model::{ImageStatus, Quota};
-use crate::node;
 
 const GIB: u64 = 1 << 30;
 /// Space kept free on the data dir's file system for the store, logs and
@@ -139,7 +138,14 @@ pub fn check_disks(keel: &Keel, project: &str, bytes: u64) -> Result<(), QuotaEr
         bytes.div_ceil(GIB),
         q.disk_gib,
     )?;
-    check_space(&keel.paths.disks(), bytes)
+    // Disks live on the node: its agent says how much room there is.
+    let node = keel.agent.node_status();
+    room(
+        &keel.paths.disks(),
+        node.disk_bytes,
+        node.disk_available_bytes,
+        bytes,
+    )
 }
 
 /// Room in `project`'s quota and on the host for an image of `bytes`
@@ -167,7 +173,11 @@ pub fn check_image(keel: &Keel, project: &str, image: &str, bytes: u64) -> Resul
 /// Whether the file system holding `dir` has `bytes` free beyond keeld's
 /// reserve.
 pub fn check_space(dir: &Path, bytes: u64) -> Result<(), QuotaError> {
-    let (total, free) = node::disk_space(dir);
+    let (total, free) = crate::files::disk_space(dir);
+    room(dir, total, free, bytes)
+}
+
+fn room(dir: &Path, total: u64, free: u64, bytes: u64) -> Result<(), QuotaError> {
     let reserve = (total / 100 * RESERVE_PERCENT).max(RESERVE_MIN.min(total / 4));
     if bytes.saturating_add(reserve) > free {
         return Err(QuotaError::NoSpace {

@@ -611,7 +611,7 @@ fn vmm_killed_by_hand_is_an_error_with_a_reason_and_the_policy_decides() {
     let k = Keeld::start("vmmdeath");
     k.tiny_image("tiny");
     let never = k.create_vm(&k.admin, json!({"name": "never", "image": "tiny", "vcpus": 1, "memory_mib": 64, "restart_policy": "never"}));
-    let pid = never["vmm"]["pid"].as_i64().unwrap() as i32;
+    let pid = k.vmm_pid(never["id"].as_str().unwrap());
     // SAFETY: kills the test's own VMM.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let vm = k.wait_status(never["id"].as_str().unwrap(), "error", BOOT);
@@ -634,12 +634,12 @@ fn vmm_killed_by_hand_is_an_error_with_a_reason_and_the_policy_decides() {
         json!({"name": "again", "image": "tiny", "vcpus": 1, "memory_mib": 64}),
     );
     let id = again["id"].as_str().unwrap();
-    let pid = again["vmm"]["pid"].as_i64().unwrap() as i32;
+    let pid = k.vmm_pid(id);
     unsafe { libc::kill(pid, libc::SIGKILL) };
     k.wait_status(id, "error", BOOT);
     // on-failure: back within the backoff.
     let vm = k.wait_status(id, "running", BOOT);
-    assert_ne!(vm["vmm"]["pid"].as_i64().unwrap() as i32, pid);
+    assert_ne!(k.vmm_pid(id), pid);
     assert_eq!(vm["restarts"], 1);
 
     // A guest that powers itself off is stopped, not restarted (on-failure).

@@ -1,41 +1,53 @@
-//! Follows one keel-vmm: its event monitor lines become the VM's status and
-//! event log; its end becomes `stopped` or `error` (with the reason from its
-//! log), and a restart when the VM's restart policy asks for one.
+//! Follows one keel-vmm: its event monitor lines become what the agent
+//! observes of the VM and lines in its event log; its end (seen through a
+//! pidfd, not by polling) is reported with how it ended.
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_api::agent::ObservedState;
 use keel_api::events::{EventKind, EventSource, VmmEvent, VmmExit};
-use keel_api::vmm_api::VmState;
+use tokio::io::unix::AsyncFd;
 
-use super::{files, process, set_vm};
-use crate::keel::Keel;
-use crate::model::{PowerState, RestartPolicy, VmStatus};
+use super::local::LocalAgent;
+use super::process::{self, VmFiles};
 
+/// How often new event lines are looked for while the VMM runs.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the serial log's size is checked against its limit.
 const SERIAL_CHECK: Duration = Duration::from_secs(5);
 
 /// Watches the VM's keel-vmm on a task of its own until it ends. `child` is
 /// given when this keeld started it (then its exit status is known).
-pub fn watch(keel: Arc<Keel>, id: String, child: Option<Child>) {
+pub fn watch(
+    agent: Arc<LocalAgent>,
+    vm: String,
+    child: Option<Child>,
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+) {
     tokio::spawn(async move {
-        let code = follow(&keel, &id, child).await;
-        ended(&keel, &id, code).await;
+        let code = follow(&agent, &vm, child, &pidfd).await;
+        let (clean, reason) = outcome(&agent.files(&vm), code);
+        agent.ended(&vm, clean, reason);
     });
 }
 
 /// Reads events until the process is gone; returns its exit code when
 /// known (a signal is 128 + its number).
-async fn follow(keel: &Arc<Keel>, id: &str, mut child: Option<Child>) -> Option<i32> {
-    let files = files(keel, id);
+async fn follow(
+    agent: &Arc<LocalAgent>,
+    vm: &str,
+    child: Option<Child>,
+    pidfd: &AsyncFd<OwnedFd>,
+) -> Option<i32> {
+    let files = agent.files(vm);
     // A VMM found again after a keeld restart: its past events are in the
-    // log already (or were missed); its state now comes from vm.info.
+    // log already (or were missed); its state came from vm.info.
     let mut offset = if child.is_none() {
-        current_state(keel, id).await;
         std::fs::metadata(files.events())
             .map(|m| m.len())
             .unwrap_or(0)
@@ -43,62 +55,39 @@ async fn follow(keel: &Arc<Keel>, id: &str, mut child: Option<Child>) -> Option<
         0
     };
     let mut partial = String::new();
-    let process = keel.vms.get(id).and_then(|vm| vm.vmm.clone());
     let mut serial_checked = tokio::time::Instant::now();
     loop {
         if serial_checked.elapsed() >= SERIAL_CHECK {
             serial_checked = tokio::time::Instant::now();
-            let (vm_files, max) = (super::files(keel, id), keel.config.serial_log_max);
+            let (vm_files, max) = (agent.files(vm), agent.config.serial_log_max);
             let rotated =
                 tokio::task::spawn_blocking(move || process::rotate_serial(&vm_files, max)).await;
             if let Ok(Err(e)) = rotated {
-                log::warn!("VM {id}: cannot rotate its serial log: {e}");
+                log::warn!("VM {vm}: cannot rotate its serial log: {e}");
             }
         }
-        read_events(keel, id, &files.events(), &mut offset, &mut partial);
-        let gone = match child.as_mut() {
-            Some(c) => match c.try_wait() {
-                Ok(Some(status)) => {
-                    read_events(keel, id, &files.events(), &mut offset, &mut partial);
-                    return status.code().or(status.signal().map(|s| 128 + s));
-                }
-                Ok(None) => false,
-                Err(_) => true,
-            },
-            None => !process.as_ref().is_some_and(process::alive),
-        };
-        if gone {
-            read_events(keel, id, &files.events(), &mut offset, &mut partial);
-            return None;
+        read_events(agent, vm, &files.events(), &mut offset, &mut partial);
+        tokio::select! {
+            _ = process::wait_pidfd(pidfd) => break,
+            _ = tokio::time::sleep(POLL) => {}
         }
-        tokio::time::sleep(POLL).await;
     }
-}
-
-/// Sets the VM's status from what its VMM says now.
-async fn current_state(keel: &Keel, id: &str) {
-    let socket = files(keel, id).socket();
-    let info = process::with_client(socket, Duration::from_secs(5), |c| c.info()).await;
-    let status = match info.map(|i| i.state) {
-        Ok(VmState::Running) => VmStatus::Running,
-        Ok(VmState::Paused) => VmStatus::Paused,
-        Ok(VmState::Created) => VmStatus::Starting,
-        Ok(VmState::Shutdown) => VmStatus::Stopping,
-        Err(e) => {
-            log::warn!("VM {id}: its VMM does not answer vm.info: {e}");
-            return;
-        }
+    read_events(agent, vm, &files.events(), &mut offset, &mut partial);
+    let mut child = child?;
+    let status = match child.try_wait() {
+        Ok(Some(status)) => status,
+        // The pidfd said it ended: reaping it cannot block for long.
+        _ => tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .ok()?
+            .ok()?,
     };
-    set_vm(keel, id, |vm| {
-        if vm.status != VmStatus::Stopping {
-            vm.status = status;
-        }
-    });
+    status.code().or(status.signal().map(|s| 128 + s))
 }
 
 fn read_events(
-    keel: &Keel,
-    id: &str,
+    agent: &LocalAgent,
+    vm: &str,
     path: &std::path::Path,
     offset: &mut u64,
     partial: &mut String,
@@ -122,49 +111,53 @@ fn read_events(
                     return;
                 }
                 let whole = std::mem::take(partial) + &line;
-                apply(keel, id, whole.trim_end());
+                apply(agent, vm, whole.trim_end());
             }
         }
     }
 }
 
-/// One event from the VMM: the status it implies, and a line in the log.
-fn apply(keel: &Keel, id: &str, line: &str) {
+/// One event from the VMM: what it says the VM is doing now, and a line in
+/// the log.
+fn apply(agent: &LocalAgent, vm: &str, line: &str) {
     let Some(event) = VmmEvent::parse(line) else {
-        log::debug!("VM {id}: unreadable event line {line:?}");
+        log::debug!("VM {vm}: unreadable event line {line:?}");
         return;
     };
     let device = event.device_id().unwrap_or("");
-    keel.event(id, &event.name(), device);
+    agent.event(vm, &event.name(), device);
     if event.source != EventSource::Vm {
         return;
     }
-    let status = match event.event {
-        EventKind::Booting | EventKind::Rebooting => Some(VmStatus::Starting),
-        EventKind::Booted | EventKind::Resumed | EventKind::Rebooted => Some(VmStatus::Running),
-        EventKind::Paused => Some(VmStatus::Paused),
+    let state = match event.event {
+        EventKind::Booting | EventKind::Rebooting => ObservedState::Starting,
+        EventKind::Booted | EventKind::Resumed | EventKind::Rebooted => ObservedState::Running,
+        EventKind::Paused => ObservedState::Paused,
         EventKind::DeviceRemoved => {
-            keel.agent.note_removed(id, device);
-            None
+            agent.note_removed(vm, device);
+            return;
         }
-        _ => None,
+        _ => return,
     };
-    if let Some(status) = status {
-        set_vm(keel, id, |vm| {
-            // `stopping` lasts until the process ends.
-            if vm.status != VmStatus::Stopping || status == VmStatus::Paused {
-                vm.status = status;
-                vm.status_reason.clear();
-            }
-        });
-    }
+    agent.update(vm, |t| {
+        // `stopping` lasts until the process ends.
+        if t.state != ObservedState::Stopping || state == ObservedState::Paused {
+            t.state = state;
+        }
+    });
+}
+
+/// How a VMM that ended while no keeld watched it ended, from its files;
+/// `None` when it never ran.
+pub fn outcome_from_files(files: &VmFiles, code: Option<i32>) -> Option<(bool, String)> {
+    let ran = std::fs::metadata(files.events()).is_ok_and(|m| m.len() > 0);
+    ran.then(|| outcome(files, code))
 }
 
 /// How a keel-vmm's life ended, from its exit code (when known) and what it
 /// last wrote.
-fn outcome(keel: &Keel, id: &str, code: Option<i32>) -> (bool, String) {
-    let files = files(keel, id);
-    let words = process::last_words(&files);
+fn outcome(files: &VmFiles, code: Option<i32>) -> (bool, String) {
+    let words = process::last_words(files);
     let events: Vec<VmmEvent> = std::fs::read_to_string(files.events())
         .unwrap_or_default()
         .lines()
@@ -203,66 +196,5 @@ fn outcome(keel: &Keel, id: &str, code: Option<i32>) -> (bool, String) {
                 "keel-vmm ended unexpectedly (killed, or it died while keeld was not watching)",
             ),
         ),
-    }
-}
-
-/// Records the end of a VM's keel-vmm and restarts it if its policy says so.
-pub async fn ended(keel: &Arc<Keel>, id: &str, code: Option<i32>) {
-    let Some(vm) = keel.vms.get(id) else {
-        return;
-    };
-    let (clean, reason) = outcome(keel, id, code);
-    let asked_to_stop = vm.desired == PowerState::Stopped || vm.deleted_at.is_some();
-    let restart = !asked_to_stop
-        && match vm.restart_policy {
-            RestartPolicy::Always => true,
-            RestartPolicy::OnFailure => !clean,
-            RestartPolicy::Never => false,
-        };
-    set_vm(keel, id, |vm| {
-        vm.vmm = None;
-        if asked_to_stop || clean {
-            vm.status = VmStatus::Stopped;
-            vm.status_reason = if asked_to_stop {
-                String::new()
-            } else {
-                reason.clone()
-            };
-            if !restart {
-                vm.desired = PowerState::Stopped;
-            }
-        } else {
-            vm.status = VmStatus::Error;
-            vm.status_reason = reason.clone();
-        }
-        if restart {
-            vm.restarts += 1;
-        }
-    });
-    let (kind, reason) = if asked_to_stop {
-        ("stopped", "on request".to_string())
-    } else if clean {
-        ("powered-off", reason)
-    } else {
-        ("failed", reason)
-    };
-    log::info!("VM {} ({id}): {kind}: {reason}", vm.name);
-    keel.event(id, kind, &reason);
-    if restart {
-        // Back off on a VM that keeps failing: 1 s, 2 s, ... up to 30 s.
-        let delay = Duration::from_secs(u64::from(vm.restarts.min(29)) + 1);
-        let keel = keel.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let still_wanted = keel
-                .vms
-                .get(&id)
-                .is_some_and(|vm| vm.desired == PowerState::Running && vm.vmm.is_none());
-            if still_wanted {
-                keel.event(&id, "restarting", "restart policy");
-                let _ = super::start(&keel, &id).await;
-            }
-        });
     }
 }

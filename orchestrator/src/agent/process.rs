@@ -4,8 +4,11 @@
 //! `events.jsonl` (its event monitor), `vmm.log` (its log and last words),
 //! `serial.log` (everything the guest wrote to COM1) and `console.in` (a
 //! FIFO the VMM reads as its terminal: the web console writes keys there).
-//! The VMM runs in its own process group with none of keeld's descriptors,
-//! so it outlives keeld; a new keeld finds it again by pid and start time.
+//! The VMM runs in its own process group with none of keeld's descriptors
+//! but one: `vmm.lock`, which keeld locks (flock) before it starts the VMM,
+//! the VMM writes its pid into before exec, and the VMM holds until it
+//! ends. So a VM dir has at most one keel-vmm, even across a `kill -9` of
+//! keeld at any point of a start, and a new keeld finds every live one.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -19,8 +22,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use keel_api::client::{ClientError, VmmClient};
-
-use crate::model::VmmProcess;
 
 pub struct VmFiles {
     pub dir: PathBuf,
@@ -49,6 +50,72 @@ impl VmFiles {
     pub fn seed(&self) -> PathBuf {
         self.dir.join("seed.iso")
     }
+    /// Held (flock) by the VM's keel-vmm for its whole life; holds its pid.
+    pub fn lock(&self) -> PathBuf {
+        self.dir.join("vmm.lock")
+    }
+}
+
+/// The pid of the keel-vmm that holds the VM's lock, if one does (0 while
+/// one is being started and has not written its pid yet).
+pub fn lock_holder(files: &VmFiles) -> Option<i32> {
+    let mut file = File::open(files.lock()).ok()?;
+    // SAFETY: flock on a descriptor we own; a conflicting lock held by the
+    // VMM's open file makes this fail with EWOULDBLOCK.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // Free: nobody runs this VM. (Closing the file drops our lock.)
+        return None;
+    }
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    Some(text.trim().parse().unwrap_or(0))
+}
+
+/// A descriptor that refers to process `pid` for as long as it is open
+/// (pidfd): signals through it never reach a process that reused the pid,
+/// and it reads ready when the process ends.
+pub fn pidfd(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `signal` to the process a pidfd refers to.
+pub fn pidfd_signal(pidfd: &std::os::fd::OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pidfd for `pid`, registered with the runtime so it can be awaited.
+pub fn watch_pid(pid: i32) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    let fd = pidfd(pid)?;
+    // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open (and
+    // the same descriptor) for as long as it lives.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+/// Waits (without polling) until the process behind `pidfd` has ended.
+pub async fn wait_pidfd(pidfd: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>) {
+    // A pidfd reads ready once its process is gone; an error means the
+    // same for our purpose.
+    let _ = pidfd.readable().await;
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
@@ -126,10 +193,57 @@ pub fn tail(path: &Path, len: u64) -> (Vec<u8>, u64) {
 /// The descriptor keel-vmm gets its API socket on.
 const API_SOCKET_FD: i32 = 3;
 
+/// The lowest descriptor number the VMM's copy of the lock may take (above
+/// the API socket's 3, so moving that cannot close it).
+const LOCK_FD_MIN: i32 = 10;
+
+/// Writes `n` in decimal at the start of `fd`, truncating the rest, with
+/// only async-signal-safe calls (it runs between fork and exec).
+fn write_pid(fd: i32, n: i32) -> std::io::Result<()> {
+    let mut digits = [0u8; 12];
+    let mut at = digits.len();
+    let mut n = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // SAFETY: plain syscalls on a descriptor the child owns and a stack
+    // buffer that outlives them.
+    unsafe {
+        if libc::ftruncate(fd, 0) != 0
+            || libc::pwrite(fd, digits[at..].as_ptr().cast(), digits.len() - at, 0) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Starts keel-vmm for a VM (empty: the VM comes with `vm.create`). Returns
-/// the child, already in its own process group.
+/// the child, already in its own process group and holding the VM's lock.
+/// Refuses when another keel-vmm holds it.
 pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, String> {
     std::fs::create_dir_all(&files.dir).map_err(|e| io_err("create", &files.dir, e))?;
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(files.lock())
+        .map_err(|e| io_err("open", &files.lock(), e))?;
+    let lock_fd = lock.as_raw_fd();
+    // SAFETY: flock on the descriptor we just opened.
+    if unsafe { libc::flock(lock_fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "Another keel-vmm runs this VM (pid {}); stop it first",
+            lock_holder(files).unwrap_or(0)
+        ));
+    }
     let _ = std::fs::remove_file(files.socket());
     File::create(files.events()).map_err(|e| io_err("create", &files.events(), e))?;
     mkfifo(&files.console_in())?;
@@ -177,6 +291,13 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
     // async-signal-safe functions on descriptors the child owns.
     unsafe {
         command.pre_exec(move || {
+            // The VMM's own copy of the lock (F_DUPFD clears close-on-exec):
+            // the lock lives as long as the VMM, whatever becomes of keeld.
+            let held = libc::fcntl(lock_fd, libc::F_DUPFD, LOCK_FD_MIN);
+            if held < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            write_pid(held, libc::getpid())?;
             let moved = if listener_fd == API_SOCKET_FD {
                 // dup2 onto itself would leave close-on-exec set.
                 libc::fcntl(listener_fd, libc::F_SETFD, 0)
@@ -189,24 +310,12 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
             Ok(())
         });
     }
-    command
+    let child = command
         .spawn()
-        .map_err(|e| format!("Cannot run {}: {e}", binary.display()))
-}
-
-/// The start time of a process in clock ticks since boot (field 22 of
-/// /proc/PID/stat), or None when there is no such (live) process.
-pub fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after
-    // the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is the state (field 3); a zombie is as good as gone.
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+        .map_err(|e| format!("Cannot run {}: {e}", binary.display()));
+    // keeld's copy closes here; the VMM's keeps the lock.
+    drop(lock);
+    child
 }
 
 /// The child's exit status, if it exits within `grace`.
@@ -224,11 +333,6 @@ pub async fn exited_within(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Whether the recorded process is still the VM's keel-vmm.
-pub fn alive(process: &VmmProcess) -> bool {
-    start_ticks(process.pid) == Some(process.start_ticks)
 }
 
 /// The last thing keel-vmm said (its final error line, if it left one).
@@ -294,20 +398,31 @@ mod tests {
     }
 
     #[test]
-    fn own_start_ticks_are_stable_and_a_dead_pid_has_none() {
-        let me = std::process::id() as i32;
-        let t = start_ticks(me).unwrap();
-        assert_eq!(start_ticks(me), Some(t));
-        assert!(alive(&VmmProcess {
-            pid: me,
-            start_ticks: t,
-            ..Default::default()
-        }));
-        assert!(!alive(&VmmProcess {
-            pid: me,
-            start_ticks: t + 1,
-            ..Default::default()
-        }));
-        assert_eq!(start_ticks(i32::MAX), None);
+    fn the_vmm_holds_the_lock_with_its_pid_and_a_second_start_is_refused() {
+        let dir = std::env::temp_dir().join(format!("keel-vmm-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let files = VmFiles { dir: dir.clone() };
+        assert_eq!(lock_holder(&files), None, "no lock file: nobody");
+        // A script that ignores its arguments and sleeps stands in for
+        // keel-vmm.
+        let script = dir.with_extension("sh");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut child = spawn(&script, &files).unwrap();
+        let pid = child.id() as i32;
+        // The pid is written before exec, so it is there once spawn returns.
+        assert_eq!(lock_holder(&files), Some(pid));
+        let second = spawn(&script, &files).unwrap_err();
+        assert!(second.contains(&format!("pid {pid}")), "{second}");
+        let fd = pidfd(pid).unwrap();
+        pidfd_signal(&fd, libc::SIGKILL).unwrap();
+        child.wait().unwrap();
+        assert_eq!(lock_holder(&files), None, "the lock ends with the VMM");
+        let mut again = spawn(&script, &files).unwrap();
+        again.kill().unwrap();
+        again.wait().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&script);
     }
 }

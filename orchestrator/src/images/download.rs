@@ -26,8 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use super::Sink;
+use crate::control::operations::Progress;
 use crate::keel::Keel;
-use crate::operations::Progress;
 use crate::quota::QuotaError;
 use crate::store::StoreError;
 

@@ -18,9 +18,9 @@ use hyper::body::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
+use crate::control::operations::Progress;
 use crate::keel::Keel;
 use crate::model::{ImageFormat, ImageStatus};
-use crate::operations::Progress;
 use crate::quota::QuotaError;
 use crate::store::StoreError;
 
@@ -119,6 +119,27 @@ fn fail(keel: &Keel, id: &str, reason: &str) {
         img.reserved = 0;
         Ok(())
     });
+}
+
+/// An import a keeld restart cut short: its image is `error` and every
+/// file it had begun is removed.
+pub fn interrupted(keel: &Keel, id: &str) {
+    for what in [
+        "partial",
+        "converting",
+        "raw",
+        "kernel",
+        "initramfs",
+        "spare",
+        "spare-copying",
+    ] {
+        let _ = std::fs::remove_file(keel.paths.image_file(id, what));
+    }
+    fail(
+        keel,
+        id,
+        "keeld restarted during the import; delete the image and import it again",
+    );
 }
 
 /// Imports from a path or URL (run as an operation).
@@ -342,7 +363,7 @@ async fn finish(
             Ok(())
         })
         .map_err(|e| e.to_string())?;
-    crate::spares::ensure(keel, id);
+    crate::control::images::ready(keel, id);
     Ok(())
 }
 

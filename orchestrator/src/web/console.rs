@@ -2,8 +2,6 @@
 //! interactive session over a WebSocket (output streamed from the log, keys
 //! written to the VMM's console FIFO).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,14 +17,12 @@ use serde_json::json;
 use super::access::find_vm;
 use super::idempotency::SecretReply;
 use super::{ApiError, ApiResult, Caller};
-use crate::agent;
-use crate::agent::process::{VmFiles, serial_tail, tail};
 use crate::auth::{Access, tickets};
+use crate::control::console::{self, ConsoleStream};
 use crate::keel::Keel;
 
 /// What a new console session is shown of the past.
 const BACKLOG: u64 = 16 << 10;
-const POLL: Duration = Duration::from_millis(30);
 
 #[derive(Deserialize)]
 pub struct Params {
@@ -46,10 +42,7 @@ pub async fn serial_log(
     Query(q): Query<Params>,
 ) -> ApiResult<Response> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
-    let bytes = serial_tail(
-        &agent::files(&keel, &vm.id),
-        q.bytes.unwrap_or(64 << 10).min(16 << 20),
-    );
+    let bytes = console::serial_tail(&keel, &vm.id, q.bytes.unwrap_or(64 << 10).min(16 << 20));
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
 }
 
@@ -120,59 +113,29 @@ pub async fn websocket(
     if ticket_vm.is_some_and(|t| t != vm.id) {
         return Err(unauthenticated());
     }
-    let files = agent::files(&keel, &vm.id);
+    let stream = console::open(&keel, &vm.id, BACKLOG);
     // Pings make a live client answer before keeld's client timeout.
     let ping_every = keel.config.client_timeout / 3;
-    Ok(upgrade.on_upgrade(move |socket| session(socket, files, ping_every)))
+    Ok(upgrade.on_upgrade(move |socket| session(socket, stream, ping_every)))
 }
 
-/// Keys for the VMM's terminal: its escape key (Ctrl-A) is doubled, so a
-/// web user types a literal Ctrl-A and cannot quit the VMM.
-pub fn escape_keys(keys: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(keys.len());
-    for &b in keys {
-        out.push(b);
-        if b == 0x01 {
-            out.push(0x01);
-        }
-    }
-    out
-}
-
-async fn session(socket: WebSocket, files: VmFiles, ping_every: Duration) {
-    let (serial, input) = (files.serial(), files.console_in());
+async fn session(socket: WebSocket, mut console: ConsoleStream, ping_every: Duration) {
     let (mut tx, mut rx) = socket.split();
-    let (backlog, mut offset) = tail(&serial, BACKLOG);
-    if !backlog.is_empty() && tx.send(Message::Binary(backlog.into())).await.is_err() {
-        return;
-    }
     let output = async move {
-        let mut pinged = tokio::time::Instant::now();
+        let mut ping = tokio::time::interval(ping_every);
+        ping.tick().await;
         loop {
-            tokio::time::sleep(POLL).await;
-            if pinged.elapsed() >= ping_every {
-                pinged = tokio::time::Instant::now();
-                if tx.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
+            tokio::select! {
+                chunk = console.output.recv() => {
+                    let Some(chunk) = chunk else { return };
+                    if tx.send(Message::Binary(chunk.into())).await.is_err() {
+                        return;
+                    }
                 }
-            }
-            let size = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
-            if size < offset {
-                // Rotated: what came after `offset` is at the end of the
-                // old file.
-                let old = files.serial_old();
-                let rest = std::fs::metadata(&old).map(|m| m.len()).unwrap_or(0);
-                let (chunk, _) = tail(&old, rest.saturating_sub(offset));
-                if !chunk.is_empty() && tx.send(Message::Binary(chunk.into())).await.is_err() {
-                    return;
-                }
-                offset = 0;
-            }
-            if size > offset {
-                let (chunk, _) = tail(&serial, size - offset);
-                offset = size;
-                if tx.send(Message::Binary(chunk.into())).await.is_err() {
-                    return;
+                _ = ping.tick() => {
+                    if tx.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
                 }
             }
         }
@@ -185,30 +148,13 @@ async fn session(socket: WebSocket, files: VmFiles, ping_every: Duration) {
                 Message::Close(_) => return,
                 _ => continue,
             };
-            // Non-blocking: with no VMM reading (the VM is off) the keys
-            // are dropped instead of hanging the session.
-            let fifo = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&input);
-            if let Ok(mut fifo) = fifo {
-                let _ = fifo.write_all(&escape_keys(&bytes));
+            if console.input.send(bytes).await.is_err() {
+                return;
             }
         }
     };
     tokio::select! {
         _ = output => {}
         _ = keys => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ctrl_a_is_doubled() {
-        assert_eq!(escape_keys(b"ab\x01x"), b"ab\x01\x01x");
-        assert_eq!(escape_keys(b""), b"");
     }
 }

@@ -12,12 +12,10 @@ use serde_json::{Value, json};
 use super::access::{find_disk, find_vm};
 use super::vms::accepted;
 use super::{ApiError, ApiResult, Body, Caller};
-use crate::agent;
 use crate::auth::Access;
-use crate::files;
+use crate::control::{disks, operations, vms};
 use crate::keel::Keel;
 use crate::model::{Disk, DiskStatus, VmStatus, new_id, now, valid_name};
-use crate::operations;
 use crate::store::StoreError;
 
 const GIB: u64 = 1 << 30;
@@ -46,7 +44,7 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
     let mut v = json!(*disk);
-    v["allocated_bytes"] = json!(files::allocated_bytes(&keel.paths.disk(&disk.id)));
+    v["allocated_bytes"] = json!(disks::allocated(&keel, &disk.id));
     Ok(Json(v))
 }
 
@@ -102,27 +100,31 @@ pub async fn create(
         project: project.clone(),
         name: req.name,
         size: req.size_gib * GIB,
-        status: DiskStatus::Available,
+        status: DiskStatus::Creating,
         vm: None,
         system: false,
         image: None,
         readonly: req.readonly,
         created_at: now(),
     };
-    files::create_blank(&keel.paths.disk(&disk.id), disk.size).map_err(|e| {
-        ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            format!("{}; nothing was created", crate::files::chain(&e)),
-        )
-    })?;
+    // The record first: a file is never left without one.
     let disk = keel.disks.insert(disk)?;
-    let op = operations::start(
+    if let Err(e) = disks::create_job(&keel, &disk.id).await {
+        disks::remove_file(&keel, &disk.id);
+        let _ = keel.disks.remove(&disk.id);
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("{e}; nothing was created"),
+        ));
+    }
+    let disk = keel.disks.get(&disk.id).unwrap_or(disk);
+    let op = operations::start_job(
         &keel,
         &project,
         "disk.create",
         &disk.id,
         caller.name(),
-        |_| async { Ok(()) },
+        Value::Null,
     )?;
     Ok(accepted(&op, "disk", json!(*disk)))
 }
@@ -146,8 +148,10 @@ pub async fn remove(
             disk.name
         )));
     }
-    let _ = std::fs::remove_file(keel.paths.disk(&disk.id));
+    // The record first: a crash in between leaves a file that a restarted
+    // keeld removes, never a record without its file.
     keel.disks.remove(&disk.id)?;
+    disks::remove_file(&keel, &disk.id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -194,7 +198,7 @@ pub async fn attach(
             vm.name
         )));
     }
-    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
+    let running = vms::running(&keel, &vm.id);
     let k = keel.clone();
     let (disk_id, vm_id) = (disk.id.clone(), vm.id.clone());
     // Claim the disk now so two attaches cannot race.
@@ -211,13 +215,18 @@ pub async fn attach(
         caller.name(),
         move |_| async move {
             let hot = if running {
-                agent::attach_disk(&k, &vm_id, &disk_id).await
+                disks::attach(&k, &vm_id, &disk_id).await
             } else {
                 Ok(())
             };
             match hot {
                 Ok(()) => {
-                    agent::set_vm(&k, &vm_id, |vm| vm.disks.push(disk_id.clone()));
+                    k.vms
+                        .update::<StoreError>(&vm_id, |vm| {
+                            vm.disks.push(disk_id.clone());
+                            Ok(())
+                        })
+                        .map_err(|e| e.to_string())?;
                     Ok(())
                 }
                 Err(e) => {
@@ -250,11 +259,7 @@ pub async fn detach(
             disk.name
         )));
     };
-    let running = keel
-        .vms
-        .get(&vm_id)
-        .and_then(|vm| vm.vmm.clone())
-        .is_some_and(|p| agent::process::alive(&p));
+    let running = vms::running(&keel, &vm_id);
     let k = keel.clone();
     let disk_id = disk.id.clone();
     let op = operations::start(
@@ -265,9 +270,14 @@ pub async fn detach(
         caller.name(),
         move |_| async move {
             if running {
-                agent::detach_disk(&k, &vm_id, &disk_id).await?;
+                disks::detach(&k, &vm_id, &disk_id).await?;
             }
-            agent::set_vm(&k, &vm_id, |vm| vm.disks.retain(|d| *d != disk_id));
+            k.vms
+                .update::<StoreError>(&vm_id, |vm| {
+                    vm.disks.retain(|d| *d != disk_id);
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
             k.disks
                 .update::<StoreError>(&disk_id, |d| {
                     d.vm = None;
@@ -305,12 +315,7 @@ pub async fn resize(
         )));
     }
     crate::quota::check_disks(&keel, &disk.project, size - disk.size)?;
-    let running_vm = disk.vm.clone().filter(|vm| {
-        keel.vms
-            .get(vm)
-            .and_then(|v| v.vmm.clone())
-            .is_some_and(|p| agent::process::alive(&p))
-    });
+    let running_vm = disk.vm.clone().filter(|vm| vms::running(&keel, vm));
     let k = keel.clone();
     let disk_id = disk.id.clone();
     let op = operations::start(
@@ -320,10 +325,7 @@ pub async fn resize(
         &disk.id,
         caller.name(),
         move |_| async move {
-            match running_vm {
-                Some(vm) => agent::resize_disk(&k, &vm, &disk_id, size).await?,
-                None => files::grow(&k.paths.disk(&disk_id), size).map_err(|e| e.to_string())?,
-            }
+            disks::grow(&k, running_vm.as_deref(), &disk_id, size).await?;
             k.disks
                 .update::<StoreError>(&disk_id, |d| {
                     d.size = size;
@@ -351,12 +353,7 @@ pub async fn clone_disk(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let source = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &source.project, &req.name)?;
-    let in_running_vm = source.vm.as_ref().is_some_and(|vm| {
-        keel.vms
-            .get(vm)
-            .and_then(|v| v.vmm.clone())
-            .is_some_and(|p| agent::process::alive(&p))
-    });
+    let in_running_vm = source.vm.as_ref().is_some_and(|vm| vms::running(&keel, vm));
     if in_running_vm {
         return Err(ApiError::conflict(format!(
             "Disk {} is in use by a running VM; stop it (or detach the disk) for a \
@@ -377,37 +374,13 @@ pub async fn clone_disk(
         readonly: source.readonly,
         created_at: now(),
     })?;
-    let k = keel.clone();
-    let (from, to, copy_id) = (
-        keel.paths.disk(&source.id),
-        keel.paths.disk(&copy.id),
-        copy.id.clone(),
-    );
-    let op = operations::start(
+    let op = operations::start_job(
         &keel,
         &source.project,
         "disk.clone",
         &copy.id,
         caller.name(),
-        move |op| async move {
-            let copied = tokio::task::spawn_blocking(move || {
-                files::thin_copy(&from, &to, |done, total| {
-                    op.set((done * 99 / total.max(1)) as u8)
-                })
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            let status = if copied.is_ok() {
-                DiskStatus::Available
-            } else {
-                DiskStatus::Error
-            };
-            let _ = k.disks.update::<StoreError>(&copy_id, |d| {
-                d.status = status;
-                Ok(())
-            });
-            copied.map_err(|e| e.to_string())
-        },
+        json!({ "from": source.id }),
     )?;
     Ok(accepted(&op, "disk", json!(*copy)))
 }

@@ -14,10 +14,10 @@ use super::access::find_image;
 use super::vms::accepted;
 use super::{ApiError, ApiResult, Body, Caller};
 use crate::auth::Access;
+use crate::control::operations::{self, Progress};
 use crate::images::{self, Source};
 use crate::keel::Keel;
 use crate::model::{BootSpec, Image, ImageFormat, ImageStatus, new_id, now, valid_name};
-use crate::operations::{self, Progress};
 use crate::store::StoreError;
 
 #[derive(Deserialize)]
@@ -373,7 +373,7 @@ pub async fn remove(
     if image.status == ImageStatus::Importing && image.status_reason == "uploading" {
         return Err(ApiError::conflict("The image is being uploaded"));
     }
-    crate::spares::remove(&keel, &image.id);
+    crate::control::images::removed(&keel, &image.id);
     for what in ["raw", "partial", "converting", "kernel", "initramfs"] {
         let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
     }

@@ -12,20 +12,20 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, Body, Caller};
 use crate::auth::Access;
+use crate::control::nodes;
 use crate::keel::Keel;
 use crate::model::{Flavor, valid_name};
-use crate::node;
 use crate::store::{Log, LogQuery};
 
 pub async fn metrics(State(keel): State<Arc<Keel>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node::metrics(&keel),
+        nodes::metrics(&keel),
     )
 }
 
 pub async fn node(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Value> {
-    Json(json!(node::summary(&keel)))
+    Json(json!(nodes::summary(&keel)))
 }
 
 pub async fn list_flavors(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Value> {
@@ -152,7 +152,7 @@ pub async fn get_operation(
         return Err(ApiError::not_found(format!("No operation {id}")));
     }
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(300));
-    let op = crate::operations::wait(&keel, &id, wait)
+    let op = crate::control::operations::wait(&keel, &id, wait)
         .await
         .ok_or_else(|| ApiError::not_found(format!("No operation {id}")))?;
     Ok(Json(json!(*op)))

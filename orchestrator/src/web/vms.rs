@@ -1,35 +1,29 @@
 //! VMs: create, lifecycle, resize, recycle bin, batch actions.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use keel_api::vmm_api::Endpoint;
+use keel_api::agent::SeedSpec;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::access::{find_image, find_vm, image_usable_in};
 use super::{ApiError, ApiResult, Body, Caller};
-use crate::agent;
 use crate::auth::Access;
-use crate::files;
+use crate::control::{operations, scheduler, vms};
 use crate::keel::Keel;
 use crate::model::{
     Disk, DiskStatus, GuestInit, Image, ImageStatus, Operation, PowerState, RestartPolicy, Vm,
     VmStatus, new_id, now, valid_name,
 };
-use crate::node;
-use crate::operations;
 use crate::store::{Log, LogQuery, StoreError};
 
 const GIB: u64 = 1 << 30;
 /// The largest disk keeld makes: 64 TiB.
 const MAX_DISK_GIB: u64 = 64 << 10;
-/// How long `vm.create` and `start` wait for the VMM to report the boot.
-const BOOT_WAIT: Duration = Duration::from_secs(120);
 
 /// A VM as shown.
 pub fn vm_view(vm: &Vm) -> Value {
@@ -60,21 +54,10 @@ pub fn check_shape(vcpus: u8, memory_mib: u64) -> ApiResult<()> {
 }
 
 /// Refuses a VM that could never run on this host.
-fn check_fits_host(vcpus: u8, memory_mib: u64) -> ApiResult<()> {
-    let cpus = node::host_cpus();
-    if u32::from(vcpus) > cpus {
-        return Err(ApiError::unprocessable(format!(
-            "A VM with {vcpus} vCPUs is bigger than this host ({cpus} CPUs)"
-        )));
-    }
-    let (total, _) = node::host_memory();
-    if memory_mib << 20 > total {
-        return Err(ApiError::unprocessable(format!(
-            "A VM with {memory_mib} MiB of memory is bigger than this host ({} MiB)",
-            total >> 20
-        )));
-    }
-    Ok(())
+fn check_fits_host(keel: &Keel, vcpus: u8, memory_mib: u64) -> ApiResult<()> {
+    let node = crate::control::nodes::node_status(keel);
+    scheduler::check_fits_any(&node, vcpus, memory_mib)
+        .map_err(|e| ApiError::unprocessable(e.to_string()))
 }
 
 #[derive(Deserialize)]
@@ -255,7 +238,7 @@ pub async fn create(
         }
     };
     check_shape(vcpus, memory_mib)?;
-    check_fits_host(vcpus, memory_mib)?;
+    check_fits_host(&keel, vcpus, memory_mib)?;
     let image_gib = image.size.div_ceil(GIB).max(image.min_disk_gib);
     let disk_gib = req.disk_gib.unwrap_or(image_gib);
     if disk_gib < image_gib {
@@ -370,131 +353,44 @@ pub async fn create(
         status: VmStatus::Creating,
         status_reason: String::new(),
         deleted_at: None,
-        vmm: None,
         pending_vcpus: None,
         pending_memory_mib: None,
         restarts: 0,
         created_at: now(),
     };
-    keel.disks.insert(system.clone())?;
-    for d in &data {
-        keel.disks.insert(d.clone())?;
+    let seed = SeedSpec {
+        hostname: vm
+            .guest_init
+            .hostname
+            .clone()
+            .unwrap_or_else(|| vm.name.clone()),
+        root_password: req.root_password,
+        ssh_authorized_keys: vm.guest_init.ssh_authorized_keys.clone(),
+    };
+    // The records first, then the seed (the password lives only there),
+    // then the operation: a crash before it leaves records that a
+    // restarted keeld removes (the request was never answered).
+    keel.disks.insert(system)?;
+    for d in data {
+        keel.disks.insert(d)?;
     }
     let vm = keel.vms.insert(vm)?;
-    let k = keel.clone();
-    let id = vm_id.clone();
-    let root_password = req.root_password;
-    let op = operations::start(
+    if let Err(e) = vms::write_seed(&keel, &vm_id, seed).await {
+        crate::control::jobs::repair(&keel);
+        return Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("{e}; nothing was created"),
+        ));
+    }
+    let op = operations::start_job(
         &keel,
         &project,
         "vm.create",
         &vm_id,
         caller.name(),
-        move |op| async move {
-            let result = provision(&k, &id, &image, &system, &data, root_password, &op).await;
-            if let Err(e) = &result {
-                agent::set_vm(&k, &id, |vm| {
-                    vm.status = VmStatus::Error;
-                    vm.status_reason = e.clone();
-                });
-                return result;
-            }
-            if start {
-                agent::start(&k, &id).await?;
-                wait_for(&k, &id, VmStatus::Running).await
-            } else {
-                Ok(())
-            }
-        },
+        Value::Null,
     )?;
     Ok(accepted(&op, "vm", vm_view(&vm)))
-}
-
-/// Makes a new VM's disks: the system disk as a thin copy of the image,
-/// blank data disks, and the cloud-init seed.
-async fn provision(
-    keel: &Arc<Keel>,
-    id: &str,
-    image: &Image,
-    system: &Disk,
-    data: &[Disk],
-    root_password: Option<String>,
-    op: &operations::Progress,
-) -> Result<(), String> {
-    let from = keel.paths.image_disk(&image.id);
-    let to = keel.paths.disk(&system.id);
-    let size = system.size;
-    let spare = crate::spares::take(keel, &image.id, &to);
-    let progress = op.clone();
-    tokio::task::spawn_blocking(move || {
-        if !spare {
-            files::thin_copy(&from, &to, |done, total| {
-                progress.set((done * 80 / total.max(1)) as u8)
-            })
-            .map_err(|e| e.to_string())?;
-        }
-        if size > std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0) {
-            files::grow(&to, size).map_err(|e| e.to_string())?;
-        }
-        Ok::<_, String>(())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-    for d in data {
-        files::create_blank(&keel.paths.disk(&d.id), d.size).map_err(|e| e.to_string())?;
-    }
-    for d in std::iter::once(system).chain(data) {
-        keel.disks
-            .update::<StoreError>(&d.id, |d| {
-                d.status = DiskStatus::InUse;
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
-    }
-    let vm = keel
-        .vms
-        .get(id)
-        .ok_or("The VM was deleted while it was created")?;
-    let dir = keel.paths.vm_dir(id);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("Cannot create {}: {e}", dir.display()))?;
-    let hostname = vm
-        .guest_init
-        .hostname
-        .clone()
-        .unwrap_or_else(|| vm.name.clone());
-    crate::seed::build(
-        &agent::files(keel, id).seed(),
-        id,
-        &hostname,
-        &vm.guest_init,
-        root_password.as_deref(),
-    )?;
-    op.set(90);
-    agent::set_vm(keel, id, |vm| {
-        vm.status = VmStatus::Stopped;
-    });
-    Ok(())
-}
-
-/// Waits for the VMM to report `want`; an error status ends the wait.
-async fn wait_for(keel: &Keel, id: &str, want: VmStatus) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + BOOT_WAIT;
-    loop {
-        let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
-        if vm.status == want {
-            return Ok(());
-        }
-        if vm.status == VmStatus::Error {
-            return Err(vm.status_reason.clone());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "The VM is {:?} after {BOOT_WAIT:?}, not {want:?}",
-                vm.status
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn require_live(vm: &Vm) -> ApiResult<()> {
@@ -523,7 +419,7 @@ async fn lifecycle(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let vm = find_vm(&keel, &caller, &key, project.as_deref(), Access::Operate)?;
     require_live(&vm)?;
-    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
+    let running = vms::running(&keel, &vm.id);
     match action {
         "start" => {}
         "reboot" | "pause" if !running || vm.status == VmStatus::Paused && action == "pause" => {
@@ -540,34 +436,25 @@ async fn lifecycle(
         }
         _ => {}
     }
-    let k = keel.clone();
-    let id = vm.id.clone();
-    let op = operations::start(
+    // The intent is stored before the answer: the reconciler acts on it,
+    // and a restarted keeld finds it.
+    let desired = match action {
+        "start" | "resume" => Some(PowerState::Running),
+        "stop" | "force-off" => Some(PowerState::Stopped),
+        "pause" => Some(PowerState::Paused),
+        _ => None,
+    };
+    let vm = match desired {
+        Some(d) => vms::set_desired(&keel, &vm.id, d).unwrap_or(vm),
+        None => vm,
+    };
+    let op = operations::start_job(
         &keel,
         &vm.project,
         &format!("vm.{action}"),
         &vm.id,
         caller.name(),
-        move |_| async move {
-            match action {
-                "start" => {
-                    agent::start(&k, &id).await?;
-                    wait_for(&k, &id, VmStatus::Running).await
-                }
-                "stop" => agent::stop(&k, &id, false).await,
-                "force-off" => agent::stop(&k, &id, true).await,
-                "reboot" => agent::action(&k, &id, Endpoint::VmReboot).await,
-                "pause" => {
-                    agent::action(&k, &id, Endpoint::VmPause).await?;
-                    wait_for(&k, &id, VmStatus::Paused).await
-                }
-                "resume" => {
-                    agent::action(&k, &id, Endpoint::VmResume).await?;
-                    wait_for(&k, &id, VmStatus::Running).await
-                }
-                _ => Err(format!("Unknown action {action}")),
-            }
-        },
+        Value::Null,
     )?;
     Ok(accepted(&op, "vm", vm_view(&vm)))
 }
@@ -644,13 +531,13 @@ pub async fn update(
             Ok(())
         })?
         .ok_or_else(|| ApiError::not_found("The VM was deleted"))?;
-    let op = operations::start(
+    let op = operations::start_job(
         &keel,
         &vm.project,
         "vm.update",
         &vm.id,
         caller.name(),
-        |_| async { Ok(()) },
+        Value::Null,
     )?;
     Ok(accepted(&op, "vm", vm_view(&updated)))
 }
@@ -686,7 +573,7 @@ pub async fn resize(
     vcpus = req.vcpus.unwrap_or(vcpus);
     memory_mib = req.memory_mib.unwrap_or(memory_mib);
     check_shape(vcpus, memory_mib)?;
-    check_fits_host(vcpus, memory_mib)?;
+    check_fits_host(&keel, vcpus, memory_mib)?;
     crate::quota::check_vms(
         &keel,
         &vm.project,
@@ -694,8 +581,9 @@ pub async fn resize(
         u64::from(vcpus).saturating_sub(u64::from(vm.vcpus.max(vm.pending_vcpus.unwrap_or(0)))),
         memory_mib.saturating_sub(vm.memory_mib.max(vm.pending_memory_mib.unwrap_or(0))),
     )?;
-    let running = vm.vmm.as_ref().is_some_and(agent::process::alive);
-    let hot = running && agent::hot_resizable(&vm, vcpus, memory_mib);
+    let seen = vms::observed(&keel, &vm.id);
+    let running = seen.has_vmm();
+    let hot = running && vms::hot_resizable(&vm, &seen, vcpus, memory_mib);
     let flavor = req.flavor.clone();
     let updated = keel
         .vms
@@ -713,21 +601,13 @@ pub async fn resize(
             Ok(())
         })?
         .ok_or_else(|| ApiError::not_found("The VM was deleted"))?;
-    let k = keel.clone();
-    let id = vm.id.clone();
-    let op = operations::start(
+    let op = operations::start_job(
         &keel,
         &vm.project,
         "vm.resize",
         &vm.id,
         caller.name(),
-        move |_| async move {
-            if hot {
-                agent::resize(&k, &id, vcpus, memory_mib).await
-            } else {
-                Ok(())
-            }
-        },
+        json!({"live": hot, "vcpus": vcpus, "memory_mib": memory_mib}),
     )?;
     let mut body = vm_view(&updated);
     body["resize"] = json!(if hot {
@@ -753,50 +633,25 @@ pub async fn remove(
             vm.name
         )));
     }
-    let purge = q.purge;
-    let k = keel.clone();
-    let id = vm.id.clone();
-    let op = operations::start(
+    // Into the recycle bin at once (its name is free again), stopped by
+    // the reconciler; a purge then removes it.
+    let vm = keel
+        .vms
+        .update::<StoreError>(&vm.id, |v| {
+            v.deleted_at.get_or_insert_with(now);
+            Ok(())
+        })?
+        .ok_or_else(|| ApiError::not_found("The VM was purged"))?;
+    let vm = vms::set_desired(&keel, &vm.id, PowerState::Stopped).unwrap_or(vm);
+    let op = operations::start_job(
         &keel,
         &vm.project,
-        if purge { "vm.purge" } else { "vm.delete" },
+        if q.purge { "vm.purge" } else { "vm.delete" },
         &vm.id,
         caller.name(),
-        move |_| async move {
-            agent::stop(&k, &id, false).await?;
-            if purge {
-                purge_vm(&k, &id)
-            } else {
-                agent::set_vm(&k, &id, |vm| vm.deleted_at = Some(now()));
-                Ok(())
-            }
-        },
+        Value::Null,
     )?;
     Ok(accepted(&op, "vm", vm_view(&vm)))
-}
-
-/// Deletes a stopped VM for good: its system disk and files go; its data
-/// disks are detached and kept.
-fn purge_vm(keel: &Keel, id: &str) -> Result<(), String> {
-    let vm = keel.vms.get(id).ok_or("The VM is gone")?;
-    if vm.vmm.as_ref().is_some_and(agent::process::alive) {
-        return Err("The VM is still running".into());
-    }
-    for disk in &vm.disks {
-        let _ = keel.disks.update::<StoreError>(disk, |d| {
-            d.vm = None;
-            d.status = DiskStatus::Available;
-            Ok(())
-        });
-    }
-    let _ = std::fs::remove_file(keel.paths.disk(&vm.system_disk));
-    keel.disks
-        .remove(&vm.system_disk)
-        .map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(keel.paths.vm_dir(id));
-    keel.vms.remove(id).map_err(|e| e.to_string())?;
-    keel.event(id, "purged", "");
-    Ok(())
 }
 
 pub async fn restore(
@@ -826,13 +681,13 @@ pub async fn restore(
             Ok(())
         })?
         .ok_or_else(|| ApiError::not_found("The VM was purged"))?;
-    let op = operations::start(
+    let op = operations::start_job(
         &keel,
         &vm.project,
         "vm.restore",
         &vm.id,
         caller.name(),
-        |_| async { Ok(()) },
+        Value::Null,
     )?;
     Ok(accepted(&op, "vm", vm_view(&restored)))
 }
@@ -913,7 +768,7 @@ pub async fn make_image(
     Body(req): Body<MakeImage>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
-    if vm.status != VmStatus::Stopped || vm.vmm.is_some() {
+    if vm.status != VmStatus::Stopped || vms::running(&keel, &vm.id) {
         return Err(ApiError::conflict(format!(
             "VM {} is {:?}; stop it first so its disk is consistent",
             vm.name, vm.status

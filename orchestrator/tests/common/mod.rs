@@ -284,6 +284,16 @@ impl Keeld {
             .unwrap_or_default()
     }
 
+    /// The pid of the keel-vmm running VM `id`: the VMM writes it into the
+    /// lock it holds in the VM's directory.
+    pub fn vmm_pid(&self, id: &str) -> i32 {
+        let lock = self.dir.join(format!("data/vms/{id}/vmm.lock"));
+        let text = std::fs::read_to_string(&lock).unwrap_or_default();
+        let pid = text.trim().parse().unwrap_or(0);
+        assert!(pid > 0, "no keel-vmm pid in {}", lock.display());
+        pid
+    }
+
     /// The keel-vmm processes serving this keeld's VMs.
     pub fn vmm_pids(&self) -> Vec<i32> {
         let data = self.dir.join("data").display().to_string();

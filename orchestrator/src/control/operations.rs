@@ -1,12 +1,19 @@
 //! Operations: the asynchronous half of every mutating API call. The call
 //! answers 202 with the operation; the work runs on a task and records its
 //! progress and outcome, which clients poll (or wait on).
+//!
+//! Operations are stored jobs: what a job needs is in its record (action,
+//! target, params) and in the resource's stored intent, so a keeld that
+//! restarts resumes the jobs that were running ([`resume`]) instead of
+//! failing them; the few that cannot be resumed end `failed` with their
+//! resource set right.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use super::jobs;
 use crate::keel::Keel;
 use crate::model::{Operation, OperationStatus, new_id, now};
 use crate::store::StoreError;
@@ -40,7 +47,8 @@ impl Progress {
 }
 
 /// Records a new operation and runs `work` for it. `work`'s error, if any,
-/// becomes the operation's error message.
+/// becomes the operation's error message. Such an operation is not resumed
+/// after a restart ([`jobs::interrupted`] ends it); [`start_job`] is.
 pub fn start<F, Fut>(
     keel: &Arc<Keel>,
     project: &str,
@@ -53,8 +61,39 @@ where
     F: FnOnce(Progress) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
+    let op = record(keel, project, action, target, user, serde_json::Value::Null)?;
+    run(keel, &op, work);
+    Ok(op)
+}
+
+/// Records an operation whose job is in [`jobs::run`] and runs it; a
+/// restarted keeld runs it again from its record.
+pub fn start_job(
+    keel: &Arc<Keel>,
+    project: &str,
+    action: &str,
+    target: &str,
+    user: &str,
+    params: serde_json::Value,
+) -> Result<Arc<Operation>, StoreError> {
+    let op = record(keel, project, action, target, user, params)?;
+    let (k, o) = (keel.clone(), op.clone());
+    run(keel, &op, move |progress| async move {
+        jobs::run(&k, &o, progress, false).await
+    });
+    Ok(op)
+}
+
+fn record(
+    keel: &Arc<Keel>,
+    project: &str,
+    action: &str,
+    target: &str,
+    user: &str,
+    params: serde_json::Value,
+) -> Result<Arc<Operation>, StoreError> {
     forget_old(keel);
-    let op = keel.operations.insert(Operation {
+    keel.operations.insert(Operation {
         id: new_id("op"),
         project: project.to_string(),
         action: action.to_string(),
@@ -65,11 +104,20 @@ where
         user: user.to_string(),
         created_at: now(),
         finished_at: 0,
-    })?;
+        params,
+    })
+}
+
+/// Runs `work` for a recorded operation and records how it ended.
+fn run<F, Fut>(keel: &Arc<Keel>, op: &Operation, work: F)
+where
+    F: FnOnce(Progress) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let progress = Progress {
         keel: keel.clone(),
         id: op.id.clone(),
-        last: Arc::new(AtomicU8::new(0)),
+        last: Arc::new(AtomicU8::new(op.progress)),
     };
     let keel = keel.clone();
     let id = op.id.clone();
@@ -96,20 +144,14 @@ where
             log::warn!("Operation {id} failed: {message}");
         }
     });
-    Ok(op)
 }
 
 /// Waits up to `timeout` for an operation to finish; returns its latest
 /// state either way.
 pub async fn wait(keel: &Keel, id: &str, timeout: Duration) -> Option<Arc<Operation>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let op = keel.operations.get(id)?;
-        if op.status != OperationStatus::Running || tokio::time::Instant::now() >= deadline {
-            return Some(op);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    keel.operations
+        .wait_for(id, timeout, |op| op.status != OperationStatus::Running)
+        .await
 }
 
 fn forget_old(keel: &Keel) {
@@ -122,18 +164,27 @@ fn forget_old(keel: &Keel) {
     }
 }
 
-/// Operations that were running when keeld stopped never finish: mark them.
-pub fn fail_interrupted(keel: &Keel) {
+/// At keeld's start: every operation that was running is resumed from its
+/// record, or (where it cannot be) ended with its resource set right.
+pub fn resume(keel: &Arc<Keel>) {
     for op in keel
         .operations
         .filter(|op| op.status == OperationStatus::Running)
     {
-        let _ = keel.operations.update::<StoreError>(&op.id, |op| {
-            op.status = OperationStatus::Failed;
-            op.error =
-                "keeld restarted while this operation ran; check the resource and retry".into();
-            op.finished_at = now();
-            Ok(())
-        });
+        if jobs::resumable(&op.action) {
+            log::info!("Resuming operation {} ({} {})", op.id, op.action, op.target);
+            let (k, o) = (keel.clone(), op.clone());
+            run(keel, &op, move |progress| async move {
+                jobs::run(&k, &o, progress, true).await
+            });
+        } else {
+            let message = jobs::interrupted(keel, &op);
+            let _ = keel.operations.update::<StoreError>(&op.id, |op| {
+                op.status = OperationStatus::Failed;
+                op.error = message;
+                op.finished_at = now();
+                Ok(())
+            });
+        }
     }
 }

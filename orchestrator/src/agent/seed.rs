@@ -1,11 +1,11 @@
 //! First-boot configuration for the guest: a cloud-init NoCloud seed, an
 //! ISO 9660 volume labelled `cidata` holding `meta-data` and `user-data`
 //! (what Debian's cloud images read), attached as a read-only disk, written
-//! by keeld itself ([`crate::iso9660`]).
+//! by keeld itself ([`super::iso9660`]).
 
 use std::path::Path;
 
-use crate::model::GuestInit;
+use keel_api::agent::SeedSpec;
 
 /// Quotes a string for YAML (a JSON string is a valid YAML scalar).
 fn yaml(s: &str) -> String {
@@ -20,10 +20,10 @@ pub fn meta_data(instance_id: &str, hostname: &str) -> String {
     )
 }
 
-pub fn user_data(init: &GuestInit, root_password: Option<&str>, hostname: &str) -> String {
+pub fn user_data(init: &SeedSpec) -> String {
     let mut out = String::from("#cloud-config\n");
-    out.push_str(&format!("hostname: {}\n", yaml(hostname)));
-    if let Some(password) = root_password {
+    out.push_str(&format!("hostname: {}\n", yaml(&init.hostname)));
+    if let Some(password) = &init.root_password {
         // Root logs in with the password given (console and, where the
         // image allows it, SSH).
         out.push_str("disable_root: false\nssh_pwauth: true\n");
@@ -44,16 +44,10 @@ pub fn user_data(init: &GuestInit, root_password: Option<&str>, hostname: &str) 
 
 /// Writes the seed ISO for a VM to `iso` (mode 0600: it may hold the root
 /// password).
-pub fn build(
-    iso: &Path,
-    instance_id: &str,
-    hostname: &str,
-    init: &GuestInit,
-    root_password: Option<&str>,
-) -> Result<(), String> {
-    let meta = meta_data(instance_id, hostname);
-    let user = user_data(init, root_password, hostname);
-    let image = crate::iso9660::build(
+pub fn build(iso: &Path, instance_id: &str, init: &SeedSpec) -> std::io::Result<()> {
+    let meta = meta_data(instance_id, &init.hostname);
+    let user = user_data(init);
+    let image = super::iso9660::build(
         "cidata",
         &[
             ("meta-data", meta.as_bytes()),
@@ -61,7 +55,6 @@ pub fn build(
         ],
     );
     crate::files::write_atomic(iso, &image, 0o600)
-        .map_err(|e| format!("Cannot write the cloud-init seed {}: {e}", iso.display()))
 }
 
 #[cfg(test)]
@@ -70,18 +63,17 @@ mod tests {
 
     #[test]
     fn user_data_carries_password_and_keys_quoted() {
-        let init = GuestInit {
-            hostname: Some("web".into()),
-            root_password_set: true,
-            legacy_root_password: None,
+        let init = SeedSpec {
+            hostname: "web".into(),
+            root_password: Some("p\"w: x".into()),
             ssh_authorized_keys: vec!["ssh-ed25519 AAAA me@host".into()],
         };
-        let text = user_data(&init, Some("p\"w: x"), "web");
+        let text = user_data(&init);
         assert!(text.starts_with("#cloud-config\n"));
         assert!(text.contains("hostname: \"web\""));
         assert!(text.contains(r#"password: "p\"w: x""#));
         assert!(text.contains("- \"ssh-ed25519 AAAA me@host\""));
-        assert!(!user_data(&GuestInit::default(), None, "h").contains("chpasswd"));
+        assert!(!user_data(&SeedSpec::default()).contains("chpasswd"));
     }
 
     /// Read back with isoinfo (package genisoimage), an independent reader.
@@ -94,8 +86,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keel-seed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let iso = dir.join("seed.iso");
-        let init = GuestInit::default();
-        build(&iso, "vm-1", "box", &init, Some("secret")).unwrap();
+        let init = SeedSpec {
+            hostname: "box".into(),
+            root_password: Some("secret".into()),
+            ..Default::default()
+        };
+        build(&iso, "vm-1", &init).unwrap();
         let label = Command::new("isoinfo")
             .arg("-d")
             .arg("-i")

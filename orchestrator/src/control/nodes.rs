@@ -1,4 +1,5 @@
-//! The host: its capacity, what is allocated on it, and Prometheus metrics.
+//! Nodes: capacity (as the node's agent reports it), what is allocated on
+//! it, and Prometheus metrics. One node today: the one `keeld serve` runs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,47 +28,6 @@ pub struct NodeSummary {
     pub disks: u64,
 }
 
-pub fn host_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
-}
-
-/// (MemTotal, MemAvailable) in bytes.
-pub fn host_memory() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .unwrap_or(0)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
-}
-
-pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return (0, 0);
-    };
-    // SAFETY: statvfs writes into the zeroed struct we pass; `c` is a valid
-    // NUL-terminated path.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return (0, 0);
-        }
-        (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 /// Whether a VM's resources count against the host.
 pub fn holds_resources(status: VmStatus) -> bool {
     !matches!(
@@ -76,10 +36,14 @@ pub fn holds_resources(status: VmStatus) -> bool {
     )
 }
 
+/// The node's capacity, as its agent reports it.
+pub fn node_status(keel: &Keel) -> keel_api::agent::NodeStatus {
+    keel.agent.node_status()
+}
+
 pub fn summary(keel: &Keel) -> NodeSummary {
-    let cpus = host_cpus();
-    let (memory_bytes, memory_available_bytes) = host_memory();
-    let (disk_bytes, disk_available_bytes) = disk_space(keel.data_dir());
+    let node = keel.agent.node_status();
+    let cpus = node.cpus;
     let mut by_status = BTreeMap::new();
     let (mut vcpus, mut memory) = (0u64, 0u64);
     let vms = keel.vms.filter(|vm| vm.deleted_at.is_none());
@@ -95,12 +59,12 @@ pub fn summary(keel: &Keel) -> NodeSummary {
         }
     }
     NodeSummary {
-        hostname: hostname(),
+        hostname: node.hostname,
         cpus,
-        memory_bytes,
-        memory_available_bytes,
-        disk_bytes,
-        disk_available_bytes,
+        memory_bytes: node.memory_bytes,
+        memory_available_bytes: node.memory_available_bytes,
+        disk_bytes: node.disk_bytes,
+        disk_available_bytes: node.disk_available_bytes,
         cpu_overcommit: keel.config.cpu_overcommit,
         vcpus_allocated: vcpus,
         vcpus_capacity: (f64::from(cpus) * keel.config.cpu_overcommit) as u64,

@@ -1,0 +1,403 @@
+//! The VM service: what the control plane does to VMs. Requests record the
+//! owner's intent (`desired`, the recycle bin) and the status it implies at
+//! once; the reconciler and the jobs below carry it out through the node
+//! agent; every status change goes through [`phase::transition`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_api::MEMORY_HOTPLUG_BLOCK;
+use keel_api::agent::{DiskSpec, SeedSpec, VmAction, VmObserved, VmSpec};
+
+use super::operations::Progress;
+use super::phase::{self, Input, Phase};
+use super::scheduler;
+use crate::keel::Keel;
+use crate::model::{DiskStatus, PowerState, Vm, VmStatus};
+use crate::store::StoreError;
+
+/// How long a create or start waits for the guest to come up.
+pub const BOOT_WAIT: Duration = Duration::from_secs(120);
+/// How long a stop waits beyond the configured stop timeout.
+const STOP_SLACK: Duration = Duration::from_secs(20);
+
+/// Writes a phase to the VM's record (only what changed) and logs its
+/// event. Returns the record as written; `None` when the VM is gone.
+pub fn apply(keel: &Keel, id: &str, next: Phase) -> Option<Arc<Vm>> {
+    let current = keel.vms.get(id)?;
+    if let Some((kind, message)) = &next.event {
+        log::info!("VM {} ({id}): {kind}: {message}", current.name);
+        keel.event(id, kind, message);
+    }
+    if current.status == next.status
+        && current.status_reason == next.reason
+        && current.desired == next.desired
+        && !next.restart
+    {
+        return Some(current);
+    }
+    let result = keel.vms.update::<StoreError>(id, |vm| {
+        vm.status = next.status;
+        vm.status_reason = next.reason.clone();
+        vm.desired = next.desired;
+        if next.restart {
+            vm.restarts += 1;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(vm) => vm,
+        Err(e) => {
+            log::error!("Cannot record the state of VM {id}: {e}");
+            None
+        }
+    }
+}
+
+/// Feeds one input to the VM's phase.
+pub fn transition(keel: &Keel, id: &str, input: Input) -> Option<Arc<Vm>> {
+    let vm = keel.vms.get(id)?;
+    apply(keel, id, phase::transition(&vm, &input))
+}
+
+/// Records the owner's wish; for a start or stop, the status it implies.
+pub fn set_desired(keel: &Keel, id: &str, desired: PowerState) -> Option<Arc<Vm>> {
+    let vm = keel
+        .vms
+        .update::<StoreError>(id, |vm| {
+            vm.desired = desired;
+            Ok(())
+        })
+        .ok()??;
+    match desired {
+        PowerState::Running if !keel.agent.observed(id).has_vmm() => {
+            transition(keel, id, Input::StartRequested)
+        }
+        PowerState::Stopped => transition(keel, id, Input::StopRequested),
+        _ => Some(vm),
+    }
+}
+
+/// What the node needs to run the VM.
+pub fn spec(keel: &Keel, vm: &Vm) -> Result<VmSpec, String> {
+    let image = keel
+        .images
+        .get(&vm.image)
+        .ok_or_else(|| format!("The VM's image {} no longer exists", vm.image))?;
+    if image.boot.kernel.is_none() {
+        return Err(format!(
+            "Image {} has no kernel to boot; keel-vmm boots images with a kernel until its \
+             firmware lands",
+            image.name
+        ));
+    }
+    let mut disks = vec![DiskSpec {
+        id: vm.system_disk.clone(),
+        readonly: false,
+    }];
+    for id in &vm.disks {
+        disks.push(DiskSpec {
+            id: id.clone(),
+            readonly: keel.disks.get(id).is_some_and(|d| d.readonly),
+        });
+    }
+    Ok(VmSpec {
+        id: vm.id.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        image: image.id.clone(),
+        initramfs: image.boot.initramfs.is_some(),
+        cmdline: image.boot.cmdline.clone(),
+        disks,
+    })
+}
+
+/// Starts the VM on its node, on a task: flavor changes made while it was
+/// stopped take effect, the scheduler checks capacity, the agent boots it.
+/// A failure leaves it `error` with the reason (and no retry).
+pub fn spawn_start(keel: &Arc<Keel>, id: &str) {
+    if !keel.reconciler.claim(id) {
+        return;
+    }
+    let keel = keel.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let result = start(&keel, &id).await;
+        if let Err(why) = result {
+            transition(&keel, &id, Input::StartFailed(&why));
+        }
+        keel.reconciler.release(&id);
+    });
+}
+
+async fn start(keel: &Arc<Keel>, id: &str) -> Result<(), String> {
+    let vm = keel
+        .vms
+        .update::<StoreError>(id, |vm| {
+            if let Some(v) = vm.pending_vcpus.take() {
+                vm.vcpus = v;
+            }
+            if let Some(m) = vm.pending_memory_mib.take() {
+                vm.memory_mib = m;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or("The VM was deleted")?;
+    let vm = transition(keel, id, Input::StartRequested).unwrap_or(vm);
+    scheduler::place(keel, &vm).map_err(|e| e.to_string())?;
+    let spec = spec(keel, &vm)?;
+    keel.agent.start(spec).await.map_err(|e| e.to_string())
+}
+
+/// Stops the VM on its node, on a task (the power button, then force).
+pub fn spawn_stop(keel: &Arc<Keel>, id: &str, force: bool) {
+    if !keel.reconciler.claim(id) {
+        return;
+    }
+    let keel = keel.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        transition(&keel, &id, Input::StopRequested);
+        if let Err(e) = keel.agent.stop(id.clone(), force).await {
+            log::warn!("VM {id}: stop: {e}");
+        }
+        keel.reconciler.release(&id);
+    });
+}
+
+/// Waits for the VM to reach a status in `want`; `error` ends the wait
+/// with its reason.
+pub async fn wait_status(
+    keel: &Keel,
+    id: &str,
+    want: &[VmStatus],
+    timeout: Duration,
+) -> Result<(), String> {
+    let vm = keel
+        .vms
+        .wait_for(id, timeout, |vm| {
+            want.contains(&vm.status) || vm.status == VmStatus::Error
+        })
+        .await
+        .ok_or("The VM was deleted")?;
+    if want.contains(&vm.status) {
+        Ok(())
+    } else if vm.status == VmStatus::Error {
+        Err(vm.status_reason.clone())
+    } else {
+        Err(format!(
+            "The VM is {:?} after {timeout:?}, not {want:?}",
+            vm.status
+        ))
+    }
+}
+
+fn stop_wait(keel: &Keel) -> Duration {
+    keel.config.stop_timeout + STOP_SLACK
+}
+
+/// Waits until no VMM runs the VM.
+async fn wait_stopped(keel: &Keel, id: &str) -> Result<(), String> {
+    let done = wait_status(keel, id, &[VmStatus::Stopped], stop_wait(keel)).await;
+    // A VM in error has no VMM either: for a stop, that is done too.
+    if keel.agent.observed(id).has_vmm() {
+        return Err(done
+            .err()
+            .unwrap_or_else(|| "The VM is still running".into()));
+    }
+    Ok(())
+}
+
+/// The node's view of the VM.
+pub fn observed(keel: &Keel, id: &str) -> VmObserved {
+    keel.agent.observed(id)
+}
+
+/// Whether the VM's VMM runs.
+pub fn running(keel: &Keel, id: &str) -> bool {
+    keel.agent.observed(id).has_vmm()
+}
+
+/// Whether a resize fits in the room the running VMM was given (memory
+/// grows in 128 MiB blocks and never shrinks while it runs).
+pub fn hot_resizable(vm: &Vm, seen: &VmObserved, vcpus: u8, memory_mib: u64) -> bool {
+    if !seen.has_vmm() {
+        return false;
+    }
+    let block_mib = MEMORY_HOTPLUG_BLOCK >> 20;
+    vcpus <= seen.max_vcpus
+        && memory_mib >= vm.memory_mib
+        && memory_mib <= seen.max_memory_mib
+        && (memory_mib - vm.memory_mib).is_multiple_of(block_mib)
+}
+
+/// Writes the VM's cloud-init seed on its node (before its disks: the
+/// root password is never stored, so the seed is made while the request
+/// holds it).
+pub async fn write_seed(keel: &Keel, id: &str, seed: SeedSpec) -> Result<(), String> {
+    keel.agent
+        .write_seed(id.to_string(), seed)
+        .await
+        .map_err(|e| crate::files::chain(&e))
+}
+
+/// Makes a new VM's disks (the system disk a thin copy of its image,
+/// blank data disks). Safe to run again after a crash: disks still
+/// `creating` are made afresh.
+async fn provision(keel: &Keel, id: &str, progress: &Progress) -> Result<(), String> {
+    let vm = keel
+        .vms
+        .get(id)
+        .ok_or("The VM was deleted while it was created")?;
+    let ids: Vec<String> = std::iter::once(vm.system_disk.clone())
+        .chain(vm.disks.iter().cloned())
+        .collect();
+    for disk_id in ids {
+        let Some(disk) = keel.disks.get(&disk_id) else {
+            return Err(format!("The record of disk {disk_id} is missing"));
+        };
+        if disk.status != DiskStatus::Creating {
+            continue;
+        }
+        if disk.system {
+            let p = progress.clone();
+            keel.agent
+                .create_system_disk(
+                    vm.image.clone(),
+                    disk.id.clone(),
+                    disk.size,
+                    Arc::new(move |pct| p.set(pct)),
+                )
+                .await
+                .map_err(|e| crate::files::chain(&e))?;
+        } else {
+            keel.agent
+                .create_blank_disk(disk.id.clone(), disk.size)
+                .await
+                .map_err(|e| crate::files::chain(&e))?;
+        }
+        keel.disks
+            .update::<StoreError>(&disk.id, |d| {
+                d.status = DiskStatus::InUse;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    progress.set(90);
+    Ok(())
+}
+
+/// `vm.create`: provisions the VM, then (unless made stopped) waits for it
+/// to run. Resumed as it is after a restart.
+pub async fn create_job(keel: &Arc<Keel>, id: &str, progress: Progress) -> Result<(), String> {
+    let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+    if vm.status == VmStatus::Creating {
+        if let Err(why) = provision(keel, id, &progress).await {
+            transition(keel, id, Input::ProvisionFailed(&why));
+            return Err(why);
+        }
+        transition(keel, id, Input::Provisioned);
+        let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+        if vm.desired == PowerState::Stopped {
+            return Ok(());
+        }
+        set_desired(keel, id, PowerState::Running);
+    }
+    let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+    if vm.desired == PowerState::Stopped {
+        return Ok(());
+    }
+    wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await
+}
+
+/// The lifecycle jobs (`vm.start`, `vm.stop`, ...). `resumed`: picked up
+/// again after a keeld restart, when the intent is stored already.
+pub async fn lifecycle_job(
+    keel: &Arc<Keel>,
+    id: &str,
+    action: &str,
+    resumed: bool,
+) -> Result<(), String> {
+    let agent_action = |a| async move {
+        keel.agent
+            .action(id.to_string(), a)
+            .await
+            .map_err(|e| crate::files::chain(&e))
+    };
+    match action {
+        "start" => wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await,
+        "stop" | "delete" => wait_stopped(keel, id).await,
+        "force-off" => {
+            keel.agent
+                .stop(id.to_string(), true)
+                .await
+                .map_err(|e| crate::files::chain(&e))?;
+            wait_stopped(keel, id).await
+        }
+        "reboot" if resumed => wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await,
+        "reboot" => agent_action(VmAction::Reboot).await,
+        "pause" => {
+            if !resumed {
+                agent_action(VmAction::Pause).await?;
+            }
+            wait_status(keel, id, &[VmStatus::Paused], BOOT_WAIT).await
+        }
+        "resume" => {
+            if !resumed {
+                agent_action(VmAction::Resume).await?;
+            }
+            wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await
+        }
+        "purge" => {
+            wait_stopped(keel, id).await?;
+            purge(keel, id)
+        }
+        _ => Err(format!("Unknown action {action}")),
+    }
+}
+
+/// `vm.resize` of a running VM within its VMM's room.
+pub async fn resize_job(keel: &Keel, id: &str, vcpus: u8, memory_mib: u64) -> Result<(), String> {
+    keel.agent
+        .resize(id.to_string(), vcpus, memory_mib)
+        .await
+        .map_err(|e| crate::files::chain(&e))?;
+    keel.vms
+        .update::<StoreError>(id, |vm| {
+            vm.vcpus = vcpus;
+            vm.memory_mib = memory_mib;
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Deletes a stopped VM for good: its system disk and files go; its data
+/// disks are detached and kept.
+fn purge(keel: &Keel, id: &str) -> Result<(), String> {
+    let Some(vm) = keel.vms.get(id) else {
+        // Purged before a restart: done.
+        return Ok(());
+    };
+    if keel.agent.observed(id).has_vmm() {
+        return Err("The VM is still running".into());
+    }
+    for disk in &vm.disks {
+        let _ = keel.disks.update::<StoreError>(disk, |d| {
+            d.vm = None;
+            d.status = DiskStatus::Available;
+            Ok(())
+        });
+    }
+    // The record goes before the file: a crash in between leaves a file
+    // that a restarted keeld removes, never a record without its file.
+    keel.disks
+        .remove(&vm.system_disk)
+        .map_err(|e| e.to_string())?;
+    keel.agent.remove_disk(&vm.system_disk);
+    keel.agent.remove_vm_files(id);
+    keel.vms.remove(id).map_err(|e| e.to_string())?;
+    keel.event(id, "purged", "");
+    Ok(())
+}
