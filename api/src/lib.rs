@@ -9,6 +9,7 @@ pub mod client;
 pub mod device_config;
 pub mod events;
 pub mod http;
+pub mod keeld;
 pub mod keeld_client;
 pub mod options;
 pub mod request;
