@@ -79,7 +79,13 @@ pub fn transition(vm: &Vm, input: &Input) -> Phase {
             ObservedState::Starting if vm.status != VmStatus::Stopping => {
                 set(VmStatus::Starting, "")
             }
-            ObservedState::Running if vm.status != VmStatus::Stopping => set(VmStatus::Running, ""),
+            // `stopping` lasts until the VMM ends, unless a later start
+            // took the stop back and nothing is stopping it (a restart).
+            ObservedState::Running
+                if vm.status != VmStatus::Stopping || vm.desired != PowerState::Stopped =>
+            {
+                set(VmStatus::Running, "")
+            }
             ObservedState::Paused => set(VmStatus::Paused, ""),
             ObservedState::Stopping => set(VmStatus::Stopping, ""),
             ObservedState::Starting | ObservedState::Running => {}
@@ -114,9 +120,13 @@ pub fn transition(vm: &Vm, input: &Input) -> Phase {
 }
 
 /// A VMM ended: `stopped` when asked for or clean, else `error`; the
-/// restart policy decides whether it runs again.
+/// restart policy decides whether it runs again. A stop that a later start
+/// overtook (still `stopping`, desired `running`) ends `stopped` with the
+/// start still wanted, so the reconciler starts it again.
 fn ended(vm: &Vm, clean: bool, reason: &str, next: &mut Phase) {
-    let asked_to_stop = vm.desired == PowerState::Stopped || vm.deleted_at.is_some();
+    let asked_to_stop = vm.desired == PowerState::Stopped
+        || vm.deleted_at.is_some()
+        || vm.status == VmStatus::Stopping;
     next.restart = !asked_to_stop
         && match vm.restart_policy {
             RestartPolicy::Always => true,
@@ -130,7 +140,9 @@ fn ended(vm: &Vm, clean: bool, reason: &str, next: &mut Phase) {
         } else {
             reason.to_string()
         };
-        if !next.restart {
+        // What the owner asked for last stands when they asked; a guest
+        // that powered off by itself stays off (unless `always`).
+        if !asked_to_stop && !next.restart {
             next.desired = PowerState::Stopped;
         }
     } else {
@@ -232,6 +244,10 @@ mod tests {
             (S::Running, D::Running, P::Never, Input::Observed(&crash), S::Error, "the guest crashed the VM", D::Stopped, false),
             // Asked to stop: stopped whatever the exit was.
             (S::Stopping, D::Stopped, P::Always, Input::Observed(&crash), S::Stopped, "", D::Stopped, false),
+            // A start came while it stopped: stopped, and still wanted running.
+            (S::Stopping, D::Running, P::OnFailure, Input::Observed(&clean), S::Stopped, "", D::Running, false),
+            // A stop that nothing carries on (keeld restarted) and a start took back.
+            (S::Stopping, D::Running, P::OnFailure, Input::Observed(&running), S::Running, "", D::Running, false),
             // An exit already applied (status not live) changes nothing.
             (S::Error, D::Running, P::OnFailure, Input::Observed(&crash), S::Error, "old", D::Running, false),
             (S::Stopped, D::Stopped, P::OnFailure, Input::Observed(&clean), S::Stopped, "old", D::Stopped, false),

@@ -166,31 +166,68 @@ pub fn spawn_stop(keel: &Arc<Keel>, id: &str, force: bool) {
     });
 }
 
-/// Waits for the VM to reach a status in `want`; `error` ends the wait
-/// with its reason.
+/// Why a wait ended without its status.
+#[derive(Debug, PartialEq)]
+pub enum WaitError {
+    Gone,
+    /// The VM went `error`: its reason.
+    Failed(String),
+    /// A later request changed what the owner wants.
+    Superseded,
+    TimedOut(VmStatus),
+}
+
+/// Waits for the VM to reach a status in `want` while `still_wanted`
+/// holds (a later request may change the owner's mind); `error` ends the
+/// wait with its reason.
 pub async fn wait_status(
     keel: &Keel,
     id: &str,
     want: &[VmStatus],
     timeout: Duration,
-) -> Result<(), String> {
+    still_wanted: impl Fn(&Vm) -> bool,
+) -> Result<(), WaitError> {
     let vm = keel
         .vms
         .wait_for(id, timeout, |vm| {
-            want.contains(&vm.status) || vm.status == VmStatus::Error
+            want.contains(&vm.status) || vm.status == VmStatus::Error || !still_wanted(vm)
         })
         .await
-        .ok_or("The VM was deleted")?;
+        .ok_or(WaitError::Gone)?;
     if want.contains(&vm.status) {
         Ok(())
     } else if vm.status == VmStatus::Error {
-        Err(vm.status_reason.clone())
+        Err(WaitError::Failed(vm.status_reason.clone()))
+    } else if !still_wanted(&vm) {
+        Err(WaitError::Superseded)
     } else {
-        Err(format!(
-            "The VM is {:?} after {timeout:?}, not {want:?}",
-            vm.status
-        ))
+        Err(WaitError::TimedOut(vm.status))
     }
+}
+
+fn explain(e: WaitError, want: &str) -> String {
+    match e {
+        WaitError::Gone => "The VM was deleted".into(),
+        WaitError::Failed(reason) => reason,
+        WaitError::Superseded => {
+            format!("A later request changed the VM's course before it was {want}")
+        }
+        WaitError::TimedOut(status) => format!("The VM is {status:?}, not {want}, after the wait"),
+    }
+}
+
+fn wants_running(vm: &Vm) -> bool {
+    vm.desired != PowerState::Stopped && vm.deleted_at.is_none()
+}
+
+fn wants_stopped(vm: &Vm) -> bool {
+    vm.desired == PowerState::Stopped || vm.deleted_at.is_some()
+}
+
+async fn wait_running(keel: &Keel, id: &str) -> Result<(), String> {
+    wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT, wants_running)
+        .await
+        .map_err(|e| explain(e, "running"))
 }
 
 fn stop_wait(keel: &Keel) -> Duration {
@@ -199,14 +236,20 @@ fn stop_wait(keel: &Keel) -> Duration {
 
 /// Waits until no VMM runs the VM.
 async fn wait_stopped(keel: &Keel, id: &str) -> Result<(), String> {
-    let done = wait_status(keel, id, &[VmStatus::Stopped], stop_wait(keel)).await;
-    // A VM in error has no VMM either: for a stop, that is done too.
-    if keel.agent.observed(id).has_vmm() {
-        return Err(done
-            .err()
-            .unwrap_or_else(|| "The VM is still running".into()));
+    let done = wait_status(
+        keel,
+        id,
+        &[VmStatus::Stopped],
+        stop_wait(keel),
+        wants_stopped,
+    )
+    .await;
+    match done {
+        // A VM in error has no VMM either: for a stop, that is done too.
+        Ok(()) | Err(WaitError::Failed(_)) if !keel.agent.observed(id).has_vmm() => Ok(()),
+        Ok(()) | Err(WaitError::Failed(_)) => Err("The VM is still running".into()),
+        Err(e) => Err(explain(e, "stopped")),
     }
-    Ok(())
 }
 
 /// The node's view of the VM.
@@ -304,11 +347,11 @@ pub async fn create_job(keel: &Arc<Keel>, id: &str, progress: Progress) -> Resul
         }
         set_desired(keel, id, PowerState::Running);
     }
-    let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
-    if vm.desired == PowerState::Stopped {
-        return Ok(());
+    match wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT, wants_running).await {
+        // Made; a later request stopped (or deleted) it before it ran.
+        Ok(()) | Err(WaitError::Superseded) => Ok(()),
+        Err(e) => Err(explain(e, "running")),
     }
-    wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await
 }
 
 /// The lifecycle jobs (`vm.start`, `vm.stop`, ...). `resumed`: picked up
@@ -326,7 +369,7 @@ pub async fn lifecycle_job(
             .map_err(|e| crate::files::chain(&e))
     };
     match action {
-        "start" => wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await,
+        "start" => wait_running(keel, id).await,
         "stop" | "delete" => wait_stopped(keel, id).await,
         "force-off" => {
             keel.agent
@@ -335,19 +378,23 @@ pub async fn lifecycle_job(
                 .map_err(|e| crate::files::chain(&e))?;
             wait_stopped(keel, id).await
         }
-        "reboot" if resumed => wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await,
+        "reboot" if resumed => wait_running(keel, id).await,
         "reboot" => agent_action(VmAction::Reboot).await,
         "pause" => {
             if !resumed {
                 agent_action(VmAction::Pause).await?;
             }
-            wait_status(keel, id, &[VmStatus::Paused], BOOT_WAIT).await
+            wait_status(keel, id, &[VmStatus::Paused], BOOT_WAIT, |vm| {
+                vm.desired == PowerState::Paused && vm.deleted_at.is_none()
+            })
+            .await
+            .map_err(|e| explain(e, "paused"))
         }
         "resume" => {
             if !resumed {
                 agent_action(VmAction::Resume).await?;
             }
-            wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT).await
+            wait_running(keel, id).await
         }
         "purge" => {
             wait_stopped(keel, id).await?;
