@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::process::{VmFiles, tail};
+use super::process::VmFiles;
+use super::serial_log::Reader;
 
 /// How often the log is looked at for new output.
 const POLL: Duration = Duration::from_millis(30);
@@ -54,8 +55,7 @@ pub fn open(files: VmFiles, backlog: u64) -> ConsoleStream {
         }
     });
     tokio::spawn(async move {
-        let serial = files.serial();
-        let (first, mut offset) = tail(&serial, backlog);
+        let (mut reader, first) = Reader::new(files, backlog);
         if !first.is_empty() && out_tx.send(first).await.is_err() {
             return;
         }
@@ -64,24 +64,9 @@ pub fn open(files: VmFiles, backlog: u64) -> ConsoleStream {
                 _ = tokio::time::sleep(POLL) => {}
                 _ = out_tx.closed() => return,
             }
-            let size = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
-            if size < offset {
-                // Rotated: what came after `offset` is at the end of the
-                // old file.
-                let old = files.serial_old();
-                let rest = std::fs::metadata(&old).map(|m| m.len()).unwrap_or(0);
-                let (chunk, _) = tail(&old, rest.saturating_sub(offset));
-                if !chunk.is_empty() && out_tx.send(chunk).await.is_err() {
-                    return;
-                }
-                offset = 0;
-            }
-            if size > offset {
-                let (chunk, _) = tail(&serial, size - offset);
-                offset = size;
-                if out_tx.send(chunk).await.is_err() {
-                    return;
-                }
+            let chunk = reader.poll();
+            if !chunk.is_empty() && out_tx.send(chunk).await.is_err() {
+                return;
             }
         }
     });

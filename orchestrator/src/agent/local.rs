@@ -702,7 +702,7 @@ impl NodeAgent for LocalAgent {
     }
 
     fn serial_tail(&self, vm: &str, len: u64) -> Vec<u8> {
-        process::serial_tail(&self.files(vm), len)
+        super::serial_log::serial_tail(&self.files(vm), len)
     }
 
     fn console(&self, vm: &str, backlog: u64) -> ConsoleStream {

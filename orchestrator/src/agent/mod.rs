@@ -15,6 +15,7 @@ mod local;
 mod monitor;
 pub mod process;
 mod seed;
+mod serial_log;
 mod spares;
 
 use std::future::Future;

@@ -61,7 +61,8 @@ async fn follow(
             serial_checked = tokio::time::Instant::now();
             let (vm_files, max) = (agent.files(vm), agent.config.serial_log_max);
             let rotated =
-                tokio::task::spawn_blocking(move || process::rotate_serial(&vm_files, max)).await;
+                tokio::task::spawn_blocking(move || super::serial_log::rotate(&vm_files, max))
+                    .await;
             if let Ok(Err(e)) = rotated {
                 log::warn!("VM {vm}: cannot rotate its serial log: {e}");
             }

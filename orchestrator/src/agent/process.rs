@@ -12,7 +12,7 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
@@ -40,7 +40,7 @@ impl VmFiles {
     pub fn serial(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
-    /// The serial output before the last rotation ([`rotate_serial`]).
+    /// The serial output before the last rotation ([`super::serial_log`]).
     pub fn serial_old(&self) -> PathBuf {
         self.dir.join("serial.log.1")
     }
@@ -137,57 +137,6 @@ fn mkfifo(path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Rotates `serial.log` when it is over `max` bytes (to `serial.log.1`, so a
-/// chatty guest cannot fill the disk). keel-vmm holds it open
-/// with O_APPEND, so the file is copied and then truncated in place (its
-/// next write lands at offset 0, no hole); what it writes between the two
-/// steps is lost, a few bytes at most. Returns whether it rotated.
-pub fn rotate_serial(files: &VmFiles, max: u64) -> std::io::Result<bool> {
-    let path = files.serial();
-    match std::fs::metadata(&path) {
-        Ok(m) if m.len() > max => {}
-        Ok(_) => return Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    // Copied beside, then renamed: a reader (the console, the API's tail)
-    // never sees a half-copied serial.log.1.
-    let old = files.serial_old();
-    let mut copying = old.clone().into_os_string();
-    copying.push(".tmp");
-    std::fs::copy(&path, &copying)?;
-    std::fs::rename(&copying, &old)?;
-    OpenOptions::new().write(true).open(&path)?.set_len(0)?;
-    Ok(true)
-}
-
-/// The last `len` bytes of the VM's serial output, across the last
-/// rotation.
-pub fn serial_tail(files: &VmFiles, len: u64) -> Vec<u8> {
-    let (current, _) = tail(&files.serial(), len);
-    let missing = len.saturating_sub(current.len() as u64);
-    if missing == 0 {
-        return current;
-    }
-    let (mut out, _) = tail(&files.serial_old(), missing);
-    out.extend_from_slice(&current);
-    out
-}
-
-/// The last `len` bytes of a file, and the length it had.
-pub fn tail(path: &Path, len: u64) -> (Vec<u8>, u64) {
-    let Ok(mut file) = File::open(path) else {
-        return (Vec::new(), 0);
-    };
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let from = size.saturating_sub(len);
-    let mut buf = Vec::new();
-    if file.seek(SeekFrom::Start(from)).is_ok() {
-        let _ = file.take(size - from).read_to_end(&mut buf);
-    }
-    (buf, size)
 }
 
 /// The descriptor keel-vmm gets its API socket on.
@@ -367,35 +316,6 @@ pub async fn with_client<T: Send + 'static>(
 mod tests {
     use super::*;
     use std::io::Write;
-
-    #[test]
-    fn serial_log_rotates_in_place_and_the_tail_spans_both_files() {
-        let dir = std::env::temp_dir().join(format!("keel-serial-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let files = VmFiles { dir: dir.clone() };
-        // Opened as keel-vmm's stdout is: append, held across the rotation.
-        let mut vmm = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(files.serial())
-            .unwrap();
-        vmm.write_all(b"0123456789").unwrap();
-        assert!(!rotate_serial(&files, 10).unwrap(), "at the limit: kept");
-        vmm.write_all(b"abcdef").unwrap();
-        assert!(rotate_serial(&files, 10).unwrap());
-        assert_eq!(
-            std::fs::read(files.serial_old()).unwrap(),
-            b"0123456789abcdef"
-        );
-        vmm.write_all(b"XYZ").unwrap();
-        // No hole: the next write went to the start of the emptied file.
-        assert_eq!(std::fs::read(files.serial()).unwrap(), b"XYZ");
-        assert_eq!(serial_tail(&files, 6), b"defXYZ");
-        assert_eq!(serial_tail(&files, 2), b"YZ");
-        assert_eq!(serial_tail(&files, 100), b"0123456789abcdefXYZ");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn the_vmm_holds_the_lock_with_its_pid_and_a_second_start_is_refused() {
