@@ -21,3 +21,16 @@ pub use vm_config::{
     ConfigError, ConsoleConfig, ConsoleOutputMode, CpusConfig, MEMORY_HOTPLUG_BLOCK, MemoryConfig,
     PayloadConfig, VmConfig,
 };
+
+/// An error and its causes on one line (`outer: inner: root`): how every
+/// Keel binary prints an error.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}

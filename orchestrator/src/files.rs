@@ -145,17 +145,8 @@ pub fn create_blank(to: &Path, size: u64) -> Result<(), FileError> {
     })
 }
 
-/// An error with its causes, one line.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+/// An error and its causes on one line (shared by every Keel binary).
+pub use keel_api::error_chain as chain;
 
 /// Grows a file to `size` bytes (the new part reads as zeros).
 pub fn grow(path: &Path, size: u64) -> Result<(), FileError> {

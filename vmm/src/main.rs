@@ -225,18 +225,6 @@ fn usage_error(err: &clap::Error) -> String {
     }
 }
 
-/// An error and its causes on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -308,7 +296,7 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
         Err(err) => {
-            eprintln!("keel-vmm: {}", chain(&err));
+            eprintln!("keel-vmm: {}", keel_api::error_chain(&err));
             ExitCode::from(EXIT_BAD_INPUT)
         }
     }

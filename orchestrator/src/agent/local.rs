@@ -333,9 +333,10 @@ impl LocalAgent {
         if let Err(e) = booted {
             // A VMM that reset the connection is on its way out: its socket
             // closes a moment before it can be reaped.
-            let e = match process::exited_within(&mut child, Duration::from_millis(500)).await {
-                Some(status) => format!("keel-vmm exited at start ({status})"),
-                None => e,
+            let _ = tokio::time::timeout(Duration::from_millis(500), pidfd.readable()).await;
+            let e = match child.try_wait() {
+                Ok(Some(status)) => format!("keel-vmm exited at start ({status})"),
+                _ => e,
             };
             let _ = child.kill();
             let _ = child.wait();

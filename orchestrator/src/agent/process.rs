@@ -267,23 +267,6 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
     child
 }
 
-/// The child's exit status, if it exits within `grace`.
-pub async fn exited_within(
-    child: &mut std::process::Child,
-    grace: Duration,
-) -> Option<std::process::ExitStatus> {
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// The last thing keel-vmm said (its final error line, if it left one).
 pub fn last_words(files: &VmFiles) -> String {
     let text = std::fs::read_to_string(files.log()).unwrap_or_default();
