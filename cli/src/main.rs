@@ -1,18 +1,25 @@
-//! `keel`: Keel's command line. `keel vmm --socket PATH <command>` drives one
-//! keel-vmm (or Cloud Hypervisor) through its API socket, with ch-remote's
-//! argument syntax; `keel login|vm|image|disk|...` drive keeld (`keeld.rs`).
+//! `keel`: Keel's command line, one file per noun. `keel vmm --socket PATH
+//! <command>` drives one keel-vmm (or Cloud Hypervisor) through its API
+//! socket, with ch-remote's argument syntax (`vmm.rs`); `keel
+//! login|passwd|vm|image|disk|flavors|node|console` drive keeld, over the
+//! session `session.rs` opens, reading its answers as `keel_api::keeld`
+//! types. Mutating commands wait for their operation (with a progress bar,
+//! `output.rs`) unless `--no-wait`.
 
-mod keeld;
+mod console;
+mod disk;
+mod flavor;
+mod image;
+mod node;
+mod output;
+mod session;
+mod vm;
+mod vmm;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use keel_api::client::{ClientError, VmmClient};
-use keel_api::options::parse_size;
-use keel_api::vmm_api::{DeviceConfig, Endpoint, PciDeviceInfo, VmInfo, VmResize, VmResizeDisk};
-use keel_api::{DiskConfig, NetConfig, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel's command line")]
@@ -32,7 +39,7 @@ enum Top {
         #[arg(long)]
         json: bool,
         #[command(subcommand)]
-        command: VmmCommand,
+        command: vmm::VmmCommand,
     },
     /// Log in to keeld and keep the session token (~/.config/keel).
     Login {
@@ -40,7 +47,7 @@ enum Top {
         #[arg(long, default_value = "admin")]
         user: String,
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
     },
     /// Change a keeld password: yours (logged in), or with --user that of
     /// an account whose password expired or was reset.
@@ -49,293 +56,45 @@ enum Top {
         #[arg(long)]
         user: Option<String>,
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
     },
     /// VMs managed by keeld.
     Vm {
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
         #[command(subcommand)]
-        command: keeld::VmCommand,
+        command: vm::VmCommand,
     },
     /// Images.
     Image {
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
         #[command(subcommand)]
-        command: keeld::ImageCommand,
+        command: image::ImageCommand,
     },
     /// Disks.
     Disk {
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
         #[command(subcommand)]
-        command: keeld::DiskCommand,
+        command: disk::DiskCommand,
     },
     /// Flavors.
     Flavors {
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
     },
     /// The node: capacity, allocation, VM counts.
     Node {
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
     },
     /// A VM's serial console, interactive (Ctrl-] quits).
     Console {
         vm: String,
         #[command(flatten)]
-        common: keeld::Common,
+        common: session::Common,
     },
-}
-
-#[derive(Subcommand)]
-enum VmmCommand {
-    /// Check that the VMM answers.
-    Ping,
-    /// Create the VM from a JSON VmConfig file ('-' reads stdin).
-    Create {
-        file: PathBuf,
-    },
-    /// Boot the created VM.
-    Boot,
-    /// Show the VM's configuration, state and devices.
-    Info,
-    /// Show per-device counters.
-    Counters,
-    Pause,
-    Resume,
-    /// Stop the VM (its configuration stays; boot starts it again).
-    Shutdown,
-    /// Reset the VM.
-    Reboot,
-    /// Press the ACPI power button (the guest shuts down cleanly).
-    PowerButton,
-    /// Shut down and forget the VM.
-    Delete,
-    /// Stop the VMM process.
-    ShutdownVmm,
-    /// Add a disk: path=FILE[,readonly=on][,direct=on][,id=NAME]...
-    AddDisk {
-        disk: String,
-    },
-    /// Add a NIC: tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,id=NAME]...
-    AddNet {
-        net: String,
-    },
-    /// Add a vsock device: cid=N,socket=PATH[,id=NAME]
-    AddVsock {
-        vsock: String,
-    },
-    /// Pass a host device through: path=/sys/bus/pci/devices/...[,id=NAME]
-    AddDevice {
-        device: String,
-    },
-    /// Remove a device by id.
-    RemoveDevice {
-        id: String,
-    },
-    /// Change vCPUs and/or memory.
-    Resize {
-        #[arg(long, value_name = "N")]
-        cpus: Option<u8>,
-        #[arg(long, value_name = "SIZE")]
-        memory: Option<String>,
-        #[arg(long, value_name = "SIZE")]
-        balloon: Option<String>,
-    },
-    /// Grow a disk.
-    ResizeDisk {
-        #[arg(long, value_name = "ID")]
-        disk: String,
-        #[arg(long, value_name = "SIZE")]
-        size: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-enum CliError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("{0}")]
-    Input(String),
-}
-
-fn size(what: &str, value: &str) -> Result<u64, CliError> {
-    parse_size(value).ok_or_else(|| {
-        CliError::Input(format!(
-            "{what} {value}: expected a size such as 512M or 2G"
-        ))
-    })
-}
-
-fn read_config(file: &std::path::Path) -> Result<VmConfig, CliError> {
-    let mut text = String::new();
-    let read = if file.as_os_str() == "-" {
-        std::io::stdin().read_to_string(&mut text).map(drop)
-    } else {
-        std::fs::read_to_string(file).map(|t| text = t)
-    };
-    read.map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| CliError::Input(format!("{} is not a valid VmConfig: {e}", file.display())))
-}
-
-fn print_added(json: bool, added: Option<PciDeviceInfo>) {
-    match (json, added) {
-        (true, Some(info)) => println!("{}", serde_json::to_string(&info).unwrap_or_default()),
-        (false, Some(info)) => println!("{} at {}", info.id, info.bdf),
-        (_, None) => {}
-    }
-}
-
-fn print_info(info: &VmInfo) {
-    let c = &info.config;
-    println!("state:   {:?}", info.state);
-    println!("vcpus:   {} (max {})", c.cpus.boot_vcpus, c.cpus.max_vcpus);
-    println!("memory:  {} MiB", info.memory_actual_size >> 20);
-    if let Some(kernel) = &c.payload.kernel {
-        println!("kernel:  {}", kernel.display());
-    }
-    if let Some(cmdline) = &c.payload.cmdline {
-        println!("cmdline: {cmdline}");
-    }
-    let bdf = |id: &Option<String>| {
-        id.as_ref()
-            .and_then(|id| info.device_tree.get(id))
-            .and_then(|n| n.pci_bdf.clone())
-            .unwrap_or_else(|| "-".into())
-    };
-    let name = |id: &Option<String>| id.clone().unwrap_or_else(|| "-".into());
-    for d in &c.disks {
-        let ro = if d.readonly { " (read-only)" } else { "" };
-        println!(
-            "disk:    {:<10} {:<13} {}{ro}",
-            name(&d.id),
-            bdf(&d.id),
-            d.path.display()
-        );
-    }
-    for n in &c.net {
-        println!(
-            "net:     {:<10} {:<13} tap {}",
-            name(&n.id),
-            bdf(&n.id),
-            n.tap.as_deref().unwrap_or("-")
-        );
-    }
-    if let Some(v) = &c.vsock {
-        println!(
-            "vsock:   {:<10} {:<13} cid {} socket {}",
-            name(&v.id),
-            bdf(&v.id),
-            v.cid,
-            v.socket.display()
-        );
-    }
-}
-
-fn run(socket: &std::path::Path, json: bool, command: VmmCommand) -> Result<(), CliError> {
-    let mut client = VmmClient::connect(socket)?;
-    let input = |e: keel_api::ConfigError| CliError::Input(e.to_string());
-    match command {
-        VmmCommand::Ping => {
-            let ping = client.ping()?;
-            if json {
-                println!("{}", serde_json::to_string(&ping).unwrap_or_default());
-            } else {
-                println!("keel-vmm {} (pid {})", ping.version, ping.pid);
-            }
-        }
-        VmmCommand::Create { file } => client.create(&read_config(&file)?)?,
-        VmmCommand::Boot => client.action(Endpoint::VmBoot)?,
-        VmmCommand::Pause => client.action(Endpoint::VmPause)?,
-        VmmCommand::Resume => client.action(Endpoint::VmResume)?,
-        VmmCommand::Shutdown => client.action(Endpoint::VmShutdown)?,
-        VmmCommand::Reboot => client.action(Endpoint::VmReboot)?,
-        VmmCommand::PowerButton => client.action(Endpoint::VmPowerButton)?,
-        VmmCommand::Delete => client.action(Endpoint::VmDelete)?,
-        VmmCommand::ShutdownVmm => client.shutdown_vmm()?,
-        VmmCommand::Info => {
-            let info = client.info()?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&info).unwrap_or_default()
-                );
-            } else {
-                print_info(&info);
-            }
-        }
-        VmmCommand::Counters => {
-            let counters = client.counters()?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&counters).unwrap_or_default()
-                );
-            } else {
-                for (device, values) in counters {
-                    let line: Vec<String> =
-                        values.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!("{device}: {}", line.join(" "));
-                }
-            }
-        }
-        VmmCommand::AddDisk { disk } => {
-            let disk = DiskConfig::parse(&disk).map_err(input)?;
-            print_added(json, client.add_disk(&disk)?);
-        }
-        VmmCommand::AddNet { net } => {
-            let net = NetConfig::parse(&net).map_err(input)?;
-            print_added(json, client.add_net(&net, &[])?);
-        }
-        VmmCommand::AddVsock { vsock } => {
-            let vsock = VsockConfig::parse(&vsock).map_err(input)?;
-            print_added(json, client.add_vsock(&vsock)?);
-        }
-        VmmCommand::AddDevice { device } => {
-            let values = keel_api::options::OptionValues::parse(&device, &["path", "id", "iommu"])
-                .map_err(|e| CliError::Input(format!("add-device {device}: {e}")))?;
-            let path = values
-                .get("path")
-                .ok_or_else(|| CliError::Input("add-device needs path=SYSFS_PATH".into()))?;
-            let config = DeviceConfig {
-                path: PathBuf::from(path),
-                iommu: values.get("iommu") == Some("on"),
-                pci_segment: 0,
-                id: values.get("id").map(str::to_string),
-            };
-            print_added(json, client.add_device(&config)?);
-        }
-        VmmCommand::RemoveDevice { id } => client.remove_device(&id)?,
-        VmmCommand::Resize {
-            cpus,
-            memory,
-            balloon,
-        } => {
-            let resize = VmResize {
-                desired_vcpus: cpus,
-                desired_ram: memory.map(|m| size("--memory", &m)).transpose()?,
-                desired_balloon: balloon.map(|b| size("--balloon", &b)).transpose()?,
-            };
-            if resize == VmResize::default() {
-                return Err(CliError::Input(
-                    "resize needs --cpus, --memory or --balloon".into(),
-                ));
-            }
-            client.resize(&resize)?;
-        }
-        VmmCommand::ResizeDisk { disk, size: s } => {
-            let resize = VmResizeDisk {
-                id: disk,
-                desired_size: size("--size", &s)?,
-            };
-            client.resize_disk(&resize)?;
-        }
-    }
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -345,27 +104,22 @@ fn main() -> ExitCode {
             socket,
             json,
             command,
-        } => run(&socket, json, command).map_err(Into::into),
-        Top::Login { user, common } => keeld::login(&common, &user).map_err(Into::into),
-        Top::Passwd { user, common } => keeld::passwd(&common, user.as_deref()).map_err(Into::into),
-        Top::Vm { common, command } => keeld::vm(&common, command).map_err(Into::into),
-        Top::Image { common, command } => keeld::image(&common, command).map_err(Into::into),
-        Top::Disk { common, command } => keeld::disk(&common, command).map_err(Into::into),
-        Top::Flavors { common } => keeld::flavors(&common).map_err(Into::into),
-        Top::Node { common } => keeld::node(&common).map_err(Into::into),
-        Top::Console { vm, common } => keeld::console(&common, &vm).map_err(Into::into),
+        } => vmm::run(&socket, json, command).map_err(Into::into),
+        Top::Login { user, common } => session::login(&common, &user).map_err(Into::into),
+        Top::Passwd { user, common } => {
+            session::passwd(&common, user.as_deref()).map_err(Into::into)
+        }
+        Top::Vm { common, command } => vm::run(&common, command).map_err(Into::into),
+        Top::Image { common, command } => image::run(&common, command).map_err(Into::into),
+        Top::Disk { common, command } => disk::run(&common, command).map_err(Into::into),
+        Top::Flavors { common } => flavor::list(&common).map_err(Into::into),
+        Top::Node { common } => node::show_node(&common).map_err(Into::into),
+        Top::Console { vm, common } => console::run(&common, &vm).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut line = e.to_string();
-            let mut source = e.source();
-            while let Some(cause) = source {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
-                source = cause.source();
-            }
-            eprintln!("keel: {line}");
+            eprintln!("keel: {}", keel_api::error_chain(&*e));
             ExitCode::FAILURE
         }
     }

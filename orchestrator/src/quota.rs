@@ -44,14 +44,7 @@ pub enum QuotaError {
 }
 
 /// What a project holds now, in the units of [`Quota`].
-#[derive(Clone, Debug, Default, serde::Serialize, PartialEq)]
-pub struct Usage {
-    pub vms: u64,
-    pub vcpus: u64,
-    pub memory_mib: u64,
-    pub disk_gib: u64,
-    pub image_gib: u64,
-}
+pub use keel_api::keeld::Usage;
 
 pub fn usage(keel: &Keel, project: &str) -> Usage {
     let mut u = Usage::default();

@@ -298,7 +298,6 @@ pub async fn with_client<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
     fn the_vmm_holds_the_lock_with_its_pid_and_a_second_start_is_refused() {

@@ -5,29 +5,35 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use keel_api::agent::DiskSpec;
+use thiserror::Error;
 
 use super::operations::Progress;
+use crate::agent::AgentError;
 use crate::keel::Keel;
 use crate::model::DiskStatus;
 use crate::store::StoreError;
 
-fn chain(e: &crate::agent::AgentError) -> String {
-    crate::files::chain(e)
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("The disk was deleted")]
+    Gone,
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-fn set_status(keel: &Keel, id: &str, status: DiskStatus) -> Result<(), String> {
-    keel.disks
-        .update::<StoreError>(id, |d| {
-            d.status = status;
-            Ok(())
-        })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+fn set_status(keel: &Keel, id: &str, status: DiskStatus) -> Result<(), DiskError> {
+    keel.disks.update::<StoreError>(id, |d| {
+        d.status = status;
+        Ok(())
+    })?;
+    Ok(())
 }
 
 /// `disk.create`: a blank disk for a record made `creating`.
-pub async fn create_job(keel: &Keel, id: &str) -> Result<(), String> {
-    let disk = keel.disks.get(id).ok_or("The disk was deleted")?;
+pub async fn create_job(keel: &Keel, id: &str) -> Result<(), DiskError> {
+    let disk = keel.disks.get(id).ok_or(DiskError::Gone)?;
     if disk.status != DiskStatus::Creating {
         return Ok(());
     }
@@ -39,7 +45,7 @@ pub async fn create_job(keel: &Keel, id: &str) -> Result<(), String> {
         Ok(()) => set_status(keel, id, DiskStatus::Available),
         Err(e) => {
             let _ = set_status(keel, id, DiskStatus::Error);
-            Err(chain(&e))
+            Err(e.into())
         }
     }
 }
@@ -50,8 +56,8 @@ pub async fn clone_job(
     from: &str,
     to: &str,
     progress: Progress,
-) -> Result<(), String> {
-    let disk = keel.disks.get(to).ok_or("The disk was deleted")?;
+) -> Result<(), DiskError> {
+    let disk = keel.disks.get(to).ok_or(DiskError::Gone)?;
     if disk.status != DiskStatus::Creating {
         return Ok(());
     }
@@ -69,10 +75,67 @@ pub async fn clone_job(
         DiskStatus::Error
     };
     set_status(keel, to, status)?;
-    copied.map_err(|e| chain(&e))
+    Ok(copied?)
 }
 
-pub async fn attach(keel: &Keel, vm: &str, disk: &str) -> Result<(), String> {
+/// `disk.attach`: hot-plugged when the VM runs, then recorded in the VM;
+/// a failure gives the disk back.
+pub async fn attach_job(keel: &Keel, vm: &str, disk: &str, running: bool) -> Result<(), DiskError> {
+    let attached = async {
+        if running {
+            attach(keel, vm, disk).await?;
+        }
+        keel.vms.update::<StoreError>(vm, |v| {
+            v.disks.push(disk.to_string());
+            Ok(())
+        })?;
+        Ok::<_, DiskError>(())
+    }
+    .await;
+    if attached.is_err() {
+        let _ = keel.disks.update::<StoreError>(disk, |d| {
+            d.vm = None;
+            d.status = DiskStatus::Available;
+            Ok(())
+        });
+    }
+    attached
+}
+
+/// `disk.detach`: the guest lets go of it (when the VM runs), then it is
+/// free.
+pub async fn detach_job(keel: &Keel, vm: &str, disk: &str, running: bool) -> Result<(), DiskError> {
+    if running {
+        detach(keel, vm, disk).await?;
+    }
+    keel.vms.update::<StoreError>(vm, |v| {
+        v.disks.retain(|d| d != disk);
+        Ok(())
+    })?;
+    keel.disks.update::<StoreError>(disk, |d| {
+        d.vm = None;
+        d.status = DiskStatus::Available;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `disk.resize`: grown (live through its running VM), then recorded.
+pub async fn resize_job(
+    keel: &Keel,
+    running_vm: Option<&str>,
+    disk: &str,
+    size: u64,
+) -> Result<(), DiskError> {
+    grow(keel, running_vm, disk, size).await?;
+    keel.disks.update::<StoreError>(disk, |d| {
+        d.size = size;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+pub async fn attach(keel: &Keel, vm: &str, disk: &str) -> Result<(), DiskError> {
     let readonly = keel.disks.get(disk).is_some_and(|d| d.readonly);
     keel.agent
         .attach_disk(
@@ -82,15 +145,15 @@ pub async fn attach(keel: &Keel, vm: &str, disk: &str) -> Result<(), String> {
                 readonly,
             },
         )
-        .await
-        .map_err(|e| chain(&e))
+        .await?;
+    Ok(())
 }
 
-pub async fn detach(keel: &Keel, vm: &str, disk: &str) -> Result<(), String> {
+pub async fn detach(keel: &Keel, vm: &str, disk: &str) -> Result<(), DiskError> {
     keel.agent
         .detach_disk(vm.to_string(), disk.to_string())
-        .await
-        .map_err(|e| chain(&e))
+        .await?;
+    Ok(())
 }
 
 /// Grows a disk: through its running VM (the guest sees the new size), or
@@ -100,7 +163,7 @@ pub async fn grow(
     running_vm: Option<&str>,
     disk: &str,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), DiskError> {
     let grown = match running_vm {
         Some(vm) => {
             keel.agent
@@ -109,7 +172,7 @@ pub async fn grow(
         }
         None => keel.agent.grow_disk(disk.to_string(), size).await,
     };
-    grown.map_err(|e| chain(&e))
+    Ok(grown?)
 }
 
 /// Bytes the disk occupies on its node.

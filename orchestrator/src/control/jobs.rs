@@ -6,7 +6,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use thiserror::Error;
+
+use super::disks::DiskError;
 use super::operations::Progress;
+use super::vms::VmError;
 use super::{disks, vms};
 use crate::keel::Keel;
 use crate::model::{DiskStatus, ImageStatus, Operation, OperationStatus, VmStatus};
@@ -33,16 +37,26 @@ pub fn resumable(action: &str) -> bool {
     )
 }
 
+#[derive(Debug, Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("{0} is not a job keeld knows")]
+    Unknown(String),
+}
+
 /// Runs an operation's job; `resumed` when a restarted keeld picked it up.
 pub async fn run(
     keel: &Arc<Keel>,
     op: &Operation,
     progress: Progress,
     resumed: bool,
-) -> Result<(), String> {
+) -> Result<(), JobError> {
     let target = op.target.as_str();
     match op.action.as_str() {
-        "vm.create" => vms::create_job(keel, target, progress).await,
+        "vm.create" => Ok(vms::create_job(keel, target, progress).await?),
         "vm.resize" => {
             let vcpus = op.params["vcpus"]
                 .as_u64()
@@ -50,20 +64,20 @@ pub async fn run(
             let memory_mib = op.params["memory_mib"].as_u64();
             match (op.params["live"].as_bool(), vcpus, memory_mib) {
                 (Some(true), Some(vcpus), Some(memory_mib)) => {
-                    vms::resize_job(keel, target, vcpus, memory_mib).await
+                    Ok(vms::resize_job(keel, target, vcpus, memory_mib).await?)
                 }
                 _ => Ok(()),
             }
         }
         "vm.update" | "vm.restore" => Ok(()),
-        "disk.create" => disks::create_job(keel, target).await,
+        "disk.create" => Ok(disks::create_job(keel, target).await?),
         "disk.clone" => {
             let from = op.params["from"].as_str().unwrap_or_default();
-            disks::clone_job(keel, from, target, progress).await
+            Ok(disks::clone_job(keel, from, target, progress).await?)
         }
         action => match action.strip_prefix("vm.") {
-            Some(lifecycle) => vms::lifecycle_job(keel, target, lifecycle, resumed).await,
-            None => Err(format!("{action} is not a job keeld knows")),
+            Some(lifecycle) => Ok(vms::lifecycle_job(keel, target, lifecycle, resumed).await?),
+            None => Err(JobError::Unknown(action.to_string())),
         },
     }
 }

@@ -49,7 +49,7 @@ impl Progress {
 /// Records a new operation and runs `work` for it. `work`'s error, if any,
 /// becomes the operation's error message. Such an operation is not resumed
 /// after a restart ([`jobs::interrupted`] ends it); [`start_job`] is.
-pub fn start<F, Fut>(
+pub fn start<F, Fut, E>(
     keel: &Arc<Keel>,
     project: &str,
     action: &str,
@@ -59,7 +59,8 @@ pub fn start<F, Fut>(
 ) -> Result<Arc<Operation>, StoreError>
 where
     F: FnOnce(Progress) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<Failure>,
 {
     let op = record(keel, project, action, target, user, serde_json::Value::Null)?;
     run(keel, &op, work);
@@ -108,11 +109,16 @@ fn record(
     })
 }
 
+/// Why an operation failed: any error (its whole chain is recorded) or a
+/// message.
+pub type Failure = Box<dyn std::error::Error + Send + Sync>;
+
 /// Runs `work` for a recorded operation and records how it ended.
-fn run<F, Fut>(keel: &Arc<Keel>, op: &Operation, work: F)
+fn run<F, Fut, E>(keel: &Arc<Keel>, op: &Operation, work: F)
 where
     F: FnOnce(Progress) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<Failure>,
 {
     let progress = Progress {
         keel: keel.clone(),
@@ -122,7 +128,9 @@ where
     let keel = keel.clone();
     let id = op.id.clone();
     tokio::spawn(async move {
-        let outcome = work(progress).await;
+        let outcome = work(progress)
+            .await
+            .map_err(|e| keel_api::error_chain(&*e.into()));
         let result = keel.operations.update::<StoreError>(&id, |op| {
             op.finished_at = now();
             match &outcome {

@@ -62,6 +62,10 @@ pub fn transition(vm: &Vm, input: &Input) -> Phase {
         Input::Provisioned | Input::ProvisionFailed(_) => {}
         Input::StartRequested if vm.status != VmStatus::Creating => set(VmStatus::Starting, ""),
         Input::StartRequested => {}
+        // A start that a stop or delete overtook: not a failure.
+        Input::StartFailed(_) if vm.desired == PowerState::Stopped || vm.deleted_at.is_some() => {
+            set(VmStatus::Stopped, "");
+        }
         Input::StartFailed(why) => {
             set(VmStatus::Error, why);
             next.desired = PowerState::Stopped;
@@ -228,6 +232,7 @@ mod tests {
             (S::Stopped, D::Running, P::OnFailure, Input::StartRequested, S::Starting, "", D::Running, false),
             (S::Creating, D::Running, P::OnFailure, Input::StartRequested, S::Creating, "old", D::Running, false),
             (S::Starting, D::Running, P::Always, Input::StartFailed("no CPU"), S::Error, "no CPU", D::Stopped, false),
+            (S::Stopping, D::Stopped, P::OnFailure, Input::StartFailed("VMM gone"), S::Stopped, "", D::Stopped, false),
             (S::Running, D::Stopped, P::OnFailure, Input::StopRequested, S::Stopping, "", D::Stopped, false),
             (S::Stopped, D::Stopped, P::OnFailure, Input::StopRequested, S::Stopped, "old", D::Stopped, false),
             (S::Starting, D::Running, P::OnFailure, Input::Observed(&running), S::Running, "", D::Running, false),

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use keel_api::MEMORY_HOTPLUG_BLOCK;
 use keel_api::agent::{DiskSpec, SeedSpec, VmAction, VmObserved, VmSpec};
+use thiserror::Error;
 
 use super::operations::Progress;
 use super::phase::{self, Input, Phase};
-use super::scheduler;
+use super::scheduler::{self, ScheduleError};
+use crate::agent::AgentError;
 use crate::keel::Keel;
 use crate::model::{DiskStatus, PowerState, Vm, VmStatus};
 use crate::store::StoreError;
@@ -20,6 +22,41 @@ use crate::store::StoreError;
 pub const BOOT_WAIT: Duration = Duration::from_secs(120);
 /// How long a stop waits beyond the configured stop timeout.
 const STOP_SLACK: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("The VM was deleted")]
+    Gone,
+    #[error("The VM's image {0} no longer exists")]
+    ImageGone(String),
+    #[error(
+        "Image {0} has no kernel to boot; keel-vmm boots images with a kernel until its \
+         firmware lands"
+    )]
+    NoKernel(String),
+    #[error("The record of disk {0} is missing")]
+    DiskRecordMissing(String),
+    #[error("The VM is still running")]
+    StillRunning,
+    #[error("Unknown action {0}")]
+    UnknownAction(String),
+    /// The VM went `error` while it was waited for: its reason.
+    #[error("{0}")]
+    Failed(String),
+    #[error("A later request changed the VM's course before it was {0}")]
+    Superseded(&'static str),
+    #[error("The VM is {status:?}, not {want}, after the wait")]
+    TimedOut {
+        status: VmStatus,
+        want: &'static str,
+    },
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Writes a phase to the VM's record (only what changed) and logs its
 /// event. Returns the record as written; `None` when the VM is gone.
@@ -79,17 +116,13 @@ pub fn set_desired(keel: &Keel, id: &str, desired: PowerState) -> Option<Arc<Vm>
 }
 
 /// What the node needs to run the VM.
-pub fn spec(keel: &Keel, vm: &Vm) -> Result<VmSpec, String> {
+pub fn spec(keel: &Keel, vm: &Vm) -> Result<VmSpec, VmError> {
     let image = keel
         .images
         .get(&vm.image)
-        .ok_or_else(|| format!("The VM's image {} no longer exists", vm.image))?;
+        .ok_or_else(|| VmError::ImageGone(vm.image.clone()))?;
     if image.boot.kernel.is_none() {
-        return Err(format!(
-            "Image {} has no kernel to boot; keel-vmm boots images with a kernel until its \
-             firmware lands",
-            image.name
-        ));
+        return Err(VmError::NoKernel(image.name.clone()));
     }
     let mut disks = vec![DiskSpec {
         id: vm.system_disk.clone(),
@@ -124,13 +157,13 @@ pub fn spawn_start(keel: &Arc<Keel>, id: &str) {
     tokio::spawn(async move {
         let result = start(&keel, &id).await;
         if let Err(why) = result {
-            transition(&keel, &id, Input::StartFailed(&why));
+            transition(&keel, &id, Input::StartFailed(&keel_api::error_chain(&why)));
         }
         keel.reconciler.release(&id);
     });
 }
 
-async fn start(keel: &Arc<Keel>, id: &str) -> Result<(), String> {
+async fn start(keel: &Arc<Keel>, id: &str) -> Result<(), VmError> {
     let vm = keel
         .vms
         .update::<StoreError>(id, |vm| {
@@ -141,13 +174,12 @@ async fn start(keel: &Arc<Keel>, id: &str) -> Result<(), String> {
                 vm.memory_mib = m;
             }
             Ok(())
-        })
-        .map_err(|e| e.to_string())?
-        .ok_or("The VM was deleted")?;
+        })?
+        .ok_or(VmError::Gone)?;
     let vm = transition(keel, id, Input::StartRequested).unwrap_or(vm);
-    scheduler::place(keel, &vm).map_err(|e| e.to_string())?;
+    scheduler::place(keel, &vm)?;
     let spec = spec(keel, &vm)?;
-    keel.agent.start(spec).await.map_err(|e| e.to_string())
+    Ok(keel.agent.start(spec).await?)
 }
 
 /// Stops the VM on its node, on a task (the power button, then force).
@@ -166,53 +198,35 @@ pub fn spawn_stop(keel: &Arc<Keel>, id: &str, force: bool) {
     });
 }
 
-/// Why a wait ended without its status.
-#[derive(Debug, PartialEq)]
-pub enum WaitError {
-    Gone,
-    /// The VM went `error`: its reason.
-    Failed(String),
-    /// A later request changed what the owner wants.
-    Superseded,
-    TimedOut(VmStatus),
-}
-
-/// Waits for the VM to reach a status in `want` while `still_wanted`
-/// holds (a later request may change the owner's mind); `error` ends the
-/// wait with its reason.
+/// Waits for the VM to reach a status in `want` (named `want_name`)
+/// while `still_wanted` holds (a later request may change the owner's
+/// mind); `error` ends the wait with its reason.
 pub async fn wait_status(
     keel: &Keel,
     id: &str,
     want: &[VmStatus],
+    want_name: &'static str,
     timeout: Duration,
     still_wanted: impl Fn(&Vm) -> bool,
-) -> Result<(), WaitError> {
+) -> Result<(), VmError> {
     let vm = keel
         .vms
         .wait_for(id, timeout, |vm| {
             want.contains(&vm.status) || vm.status == VmStatus::Error || !still_wanted(vm)
         })
         .await
-        .ok_or(WaitError::Gone)?;
+        .ok_or(VmError::Gone)?;
     if want.contains(&vm.status) {
         Ok(())
     } else if vm.status == VmStatus::Error {
-        Err(WaitError::Failed(vm.status_reason.clone()))
+        Err(VmError::Failed(vm.status_reason.clone()))
     } else if !still_wanted(&vm) {
-        Err(WaitError::Superseded)
+        Err(VmError::Superseded(want_name))
     } else {
-        Err(WaitError::TimedOut(vm.status))
-    }
-}
-
-fn explain(e: WaitError, want: &str) -> String {
-    match e {
-        WaitError::Gone => "The VM was deleted".into(),
-        WaitError::Failed(reason) => reason,
-        WaitError::Superseded => {
-            format!("A later request changed the VM's course before it was {want}")
-        }
-        WaitError::TimedOut(status) => format!("The VM is {status:?}, not {want}, after the wait"),
+        Err(VmError::TimedOut {
+            status: vm.status,
+            want: want_name,
+        })
     }
 }
 
@@ -224,10 +238,16 @@ fn wants_stopped(vm: &Vm) -> bool {
     vm.desired == PowerState::Stopped || vm.deleted_at.is_some()
 }
 
-async fn wait_running(keel: &Keel, id: &str) -> Result<(), String> {
-    wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT, wants_running)
-        .await
-        .map_err(|e| explain(e, "running"))
+async fn wait_running(keel: &Keel, id: &str) -> Result<(), VmError> {
+    wait_status(
+        keel,
+        id,
+        &[VmStatus::Running],
+        "running",
+        BOOT_WAIT,
+        wants_running,
+    )
+    .await
 }
 
 fn stop_wait(keel: &Keel) -> Duration {
@@ -235,20 +255,21 @@ fn stop_wait(keel: &Keel) -> Duration {
 }
 
 /// Waits until no VMM runs the VM.
-async fn wait_stopped(keel: &Keel, id: &str) -> Result<(), String> {
+async fn wait_stopped(keel: &Keel, id: &str) -> Result<(), VmError> {
     let done = wait_status(
         keel,
         id,
         &[VmStatus::Stopped],
+        "stopped",
         stop_wait(keel),
         wants_stopped,
     )
     .await;
     match done {
         // A VM in error has no VMM either: for a stop, that is done too.
-        Ok(()) | Err(WaitError::Failed(_)) if !keel.agent.observed(id).has_vmm() => Ok(()),
-        Ok(()) | Err(WaitError::Failed(_)) => Err("The VM is still running".into()),
-        Err(e) => Err(explain(e, "stopped")),
+        Ok(()) | Err(VmError::Failed(_)) if !keel.agent.observed(id).has_vmm() => Ok(()),
+        Ok(()) | Err(VmError::Failed(_)) => Err(VmError::StillRunning),
+        Err(e) => Err(e),
     }
 }
 
@@ -278,27 +299,21 @@ pub fn hot_resizable(vm: &Vm, seen: &VmObserved, vcpus: u8, memory_mib: u64) -> 
 /// Writes the VM's cloud-init seed on its node (before its disks: the
 /// root password is never stored, so the seed is made while the request
 /// holds it).
-pub async fn write_seed(keel: &Keel, id: &str, seed: SeedSpec) -> Result<(), String> {
-    keel.agent
-        .write_seed(id.to_string(), seed)
-        .await
-        .map_err(|e| crate::files::chain(&e))
+pub async fn write_seed(keel: &Keel, id: &str, seed: SeedSpec) -> Result<(), VmError> {
+    Ok(keel.agent.write_seed(id.to_string(), seed).await?)
 }
 
 /// Makes a new VM's disks (the system disk a thin copy of its image,
 /// blank data disks). Safe to run again after a crash: disks still
 /// `creating` are made afresh.
-async fn provision(keel: &Keel, id: &str, progress: &Progress) -> Result<(), String> {
-    let vm = keel
-        .vms
-        .get(id)
-        .ok_or("The VM was deleted while it was created")?;
+async fn provision(keel: &Keel, id: &str, progress: &Progress) -> Result<(), VmError> {
+    let vm = keel.vms.get(id).ok_or(VmError::Gone)?;
     let ids: Vec<String> = std::iter::once(vm.system_disk.clone())
         .chain(vm.disks.iter().cloned())
         .collect();
     for disk_id in ids {
         let Some(disk) = keel.disks.get(&disk_id) else {
-            return Err(format!("The record of disk {disk_id} is missing"));
+            return Err(VmError::DiskRecordMissing(disk_id));
         };
         if disk.status != DiskStatus::Creating {
             continue;
@@ -312,20 +327,16 @@ async fn provision(keel: &Keel, id: &str, progress: &Progress) -> Result<(), Str
                     disk.size,
                     Arc::new(move |pct| p.set(pct)),
                 )
-                .await
-                .map_err(|e| crate::files::chain(&e))?;
+                .await?;
         } else {
             keel.agent
                 .create_blank_disk(disk.id.clone(), disk.size)
-                .await
-                .map_err(|e| crate::files::chain(&e))?;
+                .await?;
         }
-        keel.disks
-            .update::<StoreError>(&disk.id, |d| {
-                d.status = DiskStatus::InUse;
-                Ok(())
-            })
-            .map_err(|e| e.to_string())?;
+        keel.disks.update::<StoreError>(&disk.id, |d| {
+            d.status = DiskStatus::InUse;
+            Ok(())
+        })?;
     }
     progress.set(90);
     Ok(())
@@ -333,24 +344,28 @@ async fn provision(keel: &Keel, id: &str, progress: &Progress) -> Result<(), Str
 
 /// `vm.create`: provisions the VM, then (unless made stopped) waits for it
 /// to run. Resumed as it is after a restart.
-pub async fn create_job(keel: &Arc<Keel>, id: &str, progress: Progress) -> Result<(), String> {
-    let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+pub async fn create_job(keel: &Arc<Keel>, id: &str, progress: Progress) -> Result<(), VmError> {
+    let vm = keel.vms.get(id).ok_or(VmError::Gone)?;
     if vm.status == VmStatus::Creating {
         if let Err(why) = provision(keel, id, &progress).await {
-            transition(keel, id, Input::ProvisionFailed(&why));
+            transition(
+                keel,
+                id,
+                Input::ProvisionFailed(&keel_api::error_chain(&why)),
+            );
             return Err(why);
         }
         transition(keel, id, Input::Provisioned);
-        let vm = keel.vms.get(id).ok_or("The VM was deleted")?;
+        let vm = keel.vms.get(id).ok_or(VmError::Gone)?;
         if vm.desired == PowerState::Stopped {
             return Ok(());
         }
         set_desired(keel, id, PowerState::Running);
     }
-    match wait_status(keel, id, &[VmStatus::Running], BOOT_WAIT, wants_running).await {
+    match wait_running(keel, id).await {
         // Made; a later request stopped (or deleted) it before it ran.
-        Ok(()) | Err(WaitError::Superseded) => Ok(()),
-        Err(e) => Err(explain(e, "running")),
+        Ok(()) | Err(VmError::Superseded(_)) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -361,21 +376,14 @@ pub async fn lifecycle_job(
     id: &str,
     action: &str,
     resumed: bool,
-) -> Result<(), String> {
-    let agent_action = |a| async move {
-        keel.agent
-            .action(id.to_string(), a)
-            .await
-            .map_err(|e| crate::files::chain(&e))
-    };
+) -> Result<(), VmError> {
+    let agent_action =
+        |a| async move { Ok::<_, VmError>(keel.agent.action(id.to_string(), a).await?) };
     match action {
         "start" => wait_running(keel, id).await,
         "stop" | "delete" => wait_stopped(keel, id).await,
         "force-off" => {
-            keel.agent
-                .stop(id.to_string(), true)
-                .await
-                .map_err(|e| crate::files::chain(&e))?;
+            keel.agent.stop(id.to_string(), true).await?;
             wait_stopped(keel, id).await
         }
         "reboot" if resumed => wait_running(keel, id).await,
@@ -384,11 +392,10 @@ pub async fn lifecycle_job(
             if !resumed {
                 agent_action(VmAction::Pause).await?;
             }
-            wait_status(keel, id, &[VmStatus::Paused], BOOT_WAIT, |vm| {
+            wait_status(keel, id, &[VmStatus::Paused], "paused", BOOT_WAIT, |vm| {
                 vm.desired == PowerState::Paused && vm.deleted_at.is_none()
             })
             .await
-            .map_err(|e| explain(e, "paused"))
         }
         "resume" => {
             if !resumed {
@@ -400,35 +407,30 @@ pub async fn lifecycle_job(
             wait_stopped(keel, id).await?;
             purge(keel, id)
         }
-        _ => Err(format!("Unknown action {action}")),
+        _ => Err(VmError::UnknownAction(action.to_string())),
     }
 }
 
 /// `vm.resize` of a running VM within its VMM's room.
-pub async fn resize_job(keel: &Keel, id: &str, vcpus: u8, memory_mib: u64) -> Result<(), String> {
-    keel.agent
-        .resize(id.to_string(), vcpus, memory_mib)
-        .await
-        .map_err(|e| crate::files::chain(&e))?;
-    keel.vms
-        .update::<StoreError>(id, |vm| {
-            vm.vcpus = vcpus;
-            vm.memory_mib = memory_mib;
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+pub async fn resize_job(keel: &Keel, id: &str, vcpus: u8, memory_mib: u64) -> Result<(), VmError> {
+    keel.agent.resize(id.to_string(), vcpus, memory_mib).await?;
+    keel.vms.update::<StoreError>(id, |vm| {
+        vm.vcpus = vcpus;
+        vm.memory_mib = memory_mib;
+        Ok(())
+    })?;
     Ok(())
 }
 
 /// Deletes a stopped VM for good: its system disk and files go; its data
 /// disks are detached and kept.
-fn purge(keel: &Keel, id: &str) -> Result<(), String> {
+fn purge(keel: &Keel, id: &str) -> Result<(), VmError> {
     let Some(vm) = keel.vms.get(id) else {
         // Purged before a restart: done.
         return Ok(());
     };
     if keel.agent.observed(id).has_vmm() {
-        return Err("The VM is still running".into());
+        return Err(VmError::StillRunning);
     }
     for disk in &vm.disks {
         let _ = keel.disks.update::<StoreError>(disk, |d| {
@@ -439,12 +441,10 @@ fn purge(keel: &Keel, id: &str) -> Result<(), String> {
     }
     // The record goes before the file: a crash in between leaves a file
     // that a restarted keeld removes, never a record without its file.
-    keel.disks
-        .remove(&vm.system_disk)
-        .map_err(|e| e.to_string())?;
+    keel.disks.remove(&vm.system_disk)?;
     keel.agent.remove_disk(&vm.system_disk);
     keel.agent.remove_vm_files(id);
-    keel.vms.remove(id).map_err(|e| e.to_string())?;
+    keel.vms.remove(id)?;
     keel.event(id, "purged", "");
     Ok(())
 }

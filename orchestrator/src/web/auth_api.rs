@@ -8,8 +8,10 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use keel_api::keeld::{
+    ChangePassword, CreateProject, CreateToken, CreateUser, Login, NewToken, QuotaReport,
+    ResetPassword, SetMember, TokenInfo, UserInfo,
+};
 
 use super::access::Source;
 use super::audit::AuditUser;
@@ -19,35 +21,18 @@ use crate::auth::password::PasswordError;
 use crate::auth::throttle::Wait;
 use crate::auth::{self, Access};
 use crate::keel::{DEFAULT_PROJECT, Keel};
-use crate::model::{
-    Membership, Project, Quota, Role, Token, TokenKind, User, new_id, now, valid_name,
-};
+use crate::model::{Membership, Project, Quota, Token, TokenKind, User, new_id, now, valid_name};
 use crate::store::StoreError;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Login {
-    username: String,
-    password: String,
-}
-
-#[derive(Serialize)]
-struct NewToken {
-    token: String,
-    id: String,
-    expires_at: u64,
-    user: Value,
-}
-
 /// A user as shown: no password hash.
-pub fn user_view(user: &User) -> Value {
-    json!({
-        "id": user.id,
-        "name": user.name,
-        "system_admin": user.system_admin,
-        "memberships": user.memberships,
-        "created_at": user.created_at,
-    })
+pub fn user_view(user: &User) -> UserInfo {
+    UserInfo {
+        id: user.id.clone(),
+        name: user.name.clone(),
+        system_admin: user.system_admin,
+        memberships: user.memberships.clone(),
+        created_at: user.created_at,
+    }
 }
 
 fn issue(keel: &Keel, user: &User, kind: TokenKind, name: &str, ttl: u64) -> ApiResult<NewToken> {
@@ -164,7 +149,7 @@ async fn login_inner(
     keel: &Arc<Keel>,
     source: Option<IpAddr>,
     req: Login,
-) -> Result<Json<Value>, Response> {
+) -> Result<Json<NewToken>, Response> {
     let user = check_password(keel, &req.username, &req.password, source).await?;
     if let Some(why) = password_expired(keel, &user) {
         return Err(ApiError::forbidden(format!(
@@ -184,17 +169,7 @@ async fn login_inner(
     let ttl = keel.config.session_ttl.as_secs().max(1);
     let token =
         issue(keel, &user, TokenKind::Session, "login", ttl).map_err(|e| e.into_response())?;
-    Ok(Json(serde_json::to_value(token).unwrap_or_default()))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChangePassword {
-    /// Default: the caller's own name.
-    #[serde(default)]
-    username: Option<String>,
-    current_password: String,
-    new_password: String,
+    Ok(Json(token))
 }
 
 /// Sets a new password; works without a token (an expired password cannot
@@ -280,15 +255,6 @@ async fn set_password(
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResetPassword {
-    password: String,
-    /// Make the user choose a new one at their next login (default true).
-    #[serde(default)]
-    must_change: Option<bool>,
-}
-
 /// A system admin sets another user's password (and lifts a lockout).
 pub async fn reset_password(
     State(keel): State<Arc<Keel>>,
@@ -320,17 +286,8 @@ pub async fn logout(State(keel): State<Arc<Keel>>, caller: Caller) -> ApiResult<
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn whoami(caller: Caller) -> Json<Value> {
+pub async fn whoami(caller: Caller) -> Json<UserInfo> {
     Json(user_view(&caller.user))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    name: String,
-    /// Days until it stops working (default: never).
-    #[serde(default)]
-    expires_in_days: Option<u32>,
 }
 
 pub async fn create_token(
@@ -354,24 +311,25 @@ pub async fn create_token(
         }
     };
     let token = issue(&keel, &caller.user, TokenKind::Api, &req.name, ttl)?;
-    let mut response = (
-        StatusCode::CREATED,
-        Json(serde_json::to_value(token).unwrap_or_default()),
-    )
-        .into_response();
+    let mut response = (StatusCode::CREATED, Json(token)).into_response();
     // Shown once: never kept for an Idempotency-Key replay.
     response.extensions_mut().insert(SecretReply);
     Ok(response)
 }
 
-pub async fn list_tokens(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<Value> {
-    let tokens: Vec<Value> = keel
+pub async fn list_tokens(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<Vec<TokenInfo>> {
+    let tokens = keel
         .tokens
         .filter(|t| t.user == caller.user.id && t.kind == TokenKind::Api)
         .iter()
-        .map(|t| json!({"id": t.id, "name": t.name, "created_at": t.created_at, "expires_at": t.expires_at}))
+        .map(|t| TokenInfo {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+        })
         .collect();
-    Json(json!(tokens))
+    Json(tokens)
 }
 
 pub async fn delete_token(
@@ -388,31 +346,25 @@ pub async fn delete_token(
     }
 }
 
-pub async fn list_users(State(keel): State<Arc<Keel>>, caller: Caller) -> ApiResult<Json<Value>> {
+pub async fn list_users(
+    State(keel): State<Arc<Keel>>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<UserInfo>>> {
     caller.require_system_admin()?;
-    let users: Vec<Value> = keel
+    let users = keel
         .users
         .filter(|_| true)
         .iter()
         .map(|u| user_view(u))
         .collect();
-    Ok(Json(json!(users)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateUser {
-    name: String,
-    password: String,
-    #[serde(default)]
-    system_admin: bool,
+    Ok(Json(users))
 }
 
 pub async fn create_user(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateUser>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<UserInfo>)> {
     caller.require_system_admin()?;
     if !valid_name(&req.name) {
         return Err(ApiError::bad_request(format!(
@@ -494,26 +446,18 @@ pub async fn delete_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn list_projects(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<Value> {
+pub async fn list_projects(State(keel): State<Arc<Keel>>, caller: Caller) -> Json<Vec<Project>> {
     let projects = keel
         .projects
         .filter(|p| auth::role_in(&caller.user, &p.id).is_some());
-    Json(json!(projects))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateProject {
-    name: String,
-    #[serde(default)]
-    description: String,
+    Json(projects.iter().map(|p| (**p).clone()).collect())
 }
 
 pub async fn create_project(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateProject>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Project>)> {
     caller.require_system_admin()?;
     if !valid_name(&req.name) {
         return Err(ApiError::bad_request(format!(
@@ -531,7 +475,7 @@ pub async fn create_project(
         quota: Default::default(),
         created_at: now(),
     })?;
-    Ok((StatusCode::CREATED, Json(json!(*project))))
+    Ok((StatusCode::CREATED, Json((*project).clone())))
 }
 
 pub async fn delete_project(
@@ -567,18 +511,12 @@ pub async fn delete_project(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetMember {
-    role: Role,
-}
-
 pub async fn set_member(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Path((project, user)): Path<(String, String)>,
     Body(req): Body<SetMember>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<UserInfo>> {
     let project = caller.project(&keel, Some(&project), Access::Manage)?;
     let user = find_user(&keel, &user)?;
     let updated = keel
@@ -613,16 +551,18 @@ pub async fn get_quota(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<QuotaReport>> {
     let project = caller.project(&keel, Some(&id), Access::Read)?;
     let quota = keel
         .projects
         .get(&project)
         .map(|p| p.quota.clone())
         .unwrap_or_default();
-    Ok(Json(
-        json!({"project": project, "quota": quota, "usage": crate::quota::usage(&keel, &project)}),
-    ))
+    Ok(Json(QuotaReport {
+        usage: crate::quota::usage(&keel, &project),
+        project,
+        quota,
+    }))
 }
 
 pub async fn set_quota(
@@ -630,7 +570,7 @@ pub async fn set_quota(
     caller: Caller,
     Path(id): Path<String>,
     Body(quota): Body<Quota>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<QuotaReport>> {
     caller.require_system_admin()?;
     let updated = keel
         .projects
@@ -639,7 +579,9 @@ pub async fn set_quota(
             Ok(())
         })?
         .ok_or_else(|| ApiError::not_found(format!("No project {id}")))?;
-    Ok(Json(
-        json!({"project": updated.id, "quota": updated.quota, "usage": crate::quota::usage(&keel, &updated.id)}),
-    ))
+    Ok(Json(QuotaReport {
+        project: updated.id.clone(),
+        quota: updated.quota.clone(),
+        usage: crate::quota::usage(&keel, &updated.id),
+    }))
 }

@@ -11,8 +11,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
+use keel_api::keeld::ConsoleTicket;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::access::find_vm;
 use super::idempotency::SecretReply;
@@ -66,11 +66,11 @@ pub async fn ticket(
     };
     let mut response = (
         StatusCode::CREATED,
-        Json(json!({
-            "ticket": secret,
-            "expires_in": tickets::TTL.as_secs(),
-            "path": format!("/api/v1/vms/{}/console?ticket={secret}", vm.id),
-        })),
+        Json(ConsoleTicket {
+            path: format!("/api/v1/vms/{}/console?ticket={secret}", vm.id),
+            ticket: secret,
+            expires_in: tickets::TTL.as_secs(),
+        }),
     )
         .into_response();
     response.extensions_mut().insert(SecretReply);

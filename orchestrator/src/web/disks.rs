@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use keel_api::keeld::{Accepted, AttachDisk, CloneDisk, CreateDisk, DiskDetail, ResizeDisk};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -31,9 +32,10 @@ pub async fn list(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Query(q): Query<ProjectParam>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Disk>>> {
     let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
-    Ok(Json(json!(keel.disks.filter(|d| d.project == project))))
+    let disks = keel.disks.filter(|d| d.project == project);
+    Ok(Json(disks.iter().map(|d| (**d).clone()).collect()))
 }
 
 pub async fn show(
@@ -41,11 +43,12 @@ pub async fn show(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<ProjectParam>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<DiskDetail>> {
     let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
-    let mut v = json!(*disk);
-    v["allocated_bytes"] = json!(disks::allocated(&keel, &disk.id));
-    Ok(Json(v))
+    Ok(Json(DiskDetail {
+        allocated_bytes: disks::allocated(&keel, &disk.id),
+        disk: (*disk).clone(),
+    }))
 }
 
 fn check_size(size_gib: u64) -> ApiResult<()> {
@@ -75,22 +78,11 @@ fn check_new_name(keel: &Keel, project: &str, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateDisk {
-    name: String,
-    #[serde(default)]
-    project: Option<String>,
-    size_gib: u64,
-    #[serde(default)]
-    readonly: bool,
-}
-
 pub async fn create(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateDisk>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Disk>>)> {
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &project, &req.name)?;
     check_size(req.size_gib)?;
@@ -126,7 +118,7 @@ pub async fn create(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "disk", json!(*disk)))
+    Ok(accepted(&op, (*disk).clone()))
 }
 
 pub async fn remove(
@@ -155,19 +147,13 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Attach {
-    vm: String,
-}
-
 pub async fn attach(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<ProjectParam>,
-    Body(req): Body<Attach>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+    Body(req): Body<AttachDisk>,
+) -> ApiResult<(StatusCode, Json<Accepted<Disk>>)> {
     let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     let vm = find_vm(
         &keel,
@@ -213,34 +199,9 @@ pub async fn attach(
         "disk.attach",
         &disk.id,
         caller.name(),
-        move |_| async move {
-            let hot = if running {
-                disks::attach(&k, &vm_id, &disk_id).await
-            } else {
-                Ok(())
-            };
-            match hot {
-                Ok(()) => {
-                    k.vms
-                        .update::<StoreError>(&vm_id, |vm| {
-                            vm.disks.push(disk_id.clone());
-                            Ok(())
-                        })
-                        .map_err(|e| e.to_string())?;
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = k.disks.update::<StoreError>(&disk_id, |d| {
-                        d.vm = None;
-                        d.status = DiskStatus::Available;
-                        Ok(())
-                    });
-                    Err(e)
-                }
-            }
-        },
+        move |_| async move { disks::attach_job(&k, &vm_id, &disk_id, running).await },
     )?;
-    Ok(accepted(&op, "disk", json!(*disk)))
+    Ok(accepted(&op, (*disk).clone()))
 }
 
 pub async fn detach(
@@ -248,7 +209,7 @@ pub async fn detach(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<ProjectParam>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Disk>>)> {
     let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     if disk.system {
         return Err(ApiError::conflict("A system disk cannot be detached"));
@@ -268,33 +229,9 @@ pub async fn detach(
         "disk.detach",
         &disk.id,
         caller.name(),
-        move |_| async move {
-            if running {
-                disks::detach(&k, &vm_id, &disk_id).await?;
-            }
-            k.vms
-                .update::<StoreError>(&vm_id, |vm| {
-                    vm.disks.retain(|d| *d != disk_id);
-                    Ok(())
-                })
-                .map_err(|e| e.to_string())?;
-            k.disks
-                .update::<StoreError>(&disk_id, |d| {
-                    d.vm = None;
-                    d.status = DiskStatus::Available;
-                    Ok(())
-                })
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        },
+        move |_| async move { disks::detach_job(&k, &vm_id, &disk_id, running).await },
     )?;
-    Ok(accepted(&op, "disk", json!(*disk)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResizeDisk {
-    size_gib: u64,
+    Ok(accepted(&op, (*disk).clone()))
 }
 
 pub async fn resize(
@@ -303,7 +240,7 @@ pub async fn resize(
     Path(id): Path<String>,
     Query(q): Query<ProjectParam>,
     Body(req): Body<ResizeDisk>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Disk>>)> {
     let disk = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     check_size(req.size_gib)?;
     let size = req.size_gib * GIB;
@@ -324,24 +261,9 @@ pub async fn resize(
         "disk.resize",
         &disk.id,
         caller.name(),
-        move |_| async move {
-            disks::grow(&k, running_vm.as_deref(), &disk_id, size).await?;
-            k.disks
-                .update::<StoreError>(&disk_id, |d| {
-                    d.size = size;
-                    Ok(())
-                })
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        },
+        move |_| async move { disks::resize_job(&k, running_vm.as_deref(), &disk_id, size).await },
     )?;
-    Ok(accepted(&op, "disk", json!(*disk)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloneDisk {
-    name: String,
+    Ok(accepted(&op, (*disk).clone()))
 }
 
 pub async fn clone_disk(
@@ -350,7 +272,7 @@ pub async fn clone_disk(
     Path(id): Path<String>,
     Query(q): Query<ProjectParam>,
     Body(req): Body<CloneDisk>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Disk>>)> {
     let source = find_disk(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &source.project, &req.name)?;
     let in_running_vm = source.vm.as_ref().is_some_and(|vm| vms::running(&keel, vm));
@@ -382,5 +304,5 @@ pub async fn clone_disk(
         caller.name(),
         json!({ "from": source.id }),
     )?;
-    Ok(accepted(&op, "disk", json!(*copy)))
+    Ok(accepted(&op, (*copy).clone()))
 }

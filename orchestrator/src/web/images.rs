@@ -7,11 +7,10 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
+use keel_api::keeld::{CreateImage, ImageCreated, ShareImage};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::access::find_image;
-use super::vms::accepted;
 use super::{ApiError, ApiResult, Body, Caller};
 use crate::auth::Access;
 use crate::control::operations::{self, Progress};
@@ -30,12 +29,12 @@ pub async fn list(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Query(q): Query<ListParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Image>>> {
     let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
     let images = keel
         .images
         .filter(|i| i.project == project || i.shared_with.contains(&project));
-    Ok(Json(json!(images)))
+    Ok(Json(images.iter().map(|i| (**i).clone()).collect()))
 }
 
 pub async fn show(
@@ -43,57 +42,9 @@ pub async fn show(
     caller: Caller,
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Image>> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
-    Ok(Json(json!(*image)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceSpec {
-    #[serde(default)]
-    path: Option<PathBuf>,
-    #[serde(default)]
-    url: Option<String>,
-    /// The bytes follow with `PUT /api/v1/images/{id}/data`.
-    #[serde(default)]
-    upload: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootFiles {
-    /// Host paths of a kernel and initramfs to boot the image with.
-    #[serde(default)]
-    kernel_path: Option<PathBuf>,
-    #[serde(default)]
-    initramfs_path: Option<PathBuf>,
-    #[serde(default)]
-    cmdline: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateImage {
-    name: String,
-    #[serde(default)]
-    project: Option<String>,
-    #[serde(default)]
-    format: Option<ImageFormat>,
-    source: SourceSpec,
-    /// Hex SHA-256 the bytes must have.
-    #[serde(default)]
-    sha256: Option<String>,
-    #[serde(default)]
-    os_type: String,
-    #[serde(default)]
-    os_version: String,
-    #[serde(default)]
-    default_flavor: Option<String>,
-    #[serde(default)]
-    min_disk_gib: u64,
-    #[serde(default)]
-    boot: Option<BootFiles>,
+    Ok(Json((*image).clone()))
 }
 
 pub fn check_new_name(keel: &Keel, project: &str, name: &str) -> ApiResult<()> {
@@ -132,7 +83,7 @@ pub async fn create(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateImage>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<ImageCreated>)> {
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     check_new_name(&keel, &project, &req.name)?;
     let source = match (&req.source.path, &req.source.url, req.source.upload) {
@@ -224,7 +175,13 @@ pub async fn create(
         }
     }
     let Some(source) = source else {
-        return Ok((StatusCode::CREATED, Json(json!({ "image": *image }))));
+        return Ok((
+            StatusCode::CREATED,
+            Json(ImageCreated {
+                operation: None,
+                image: (*image).clone(),
+            }),
+        ));
     };
     let k = keel.clone();
     let id = image.id.clone();
@@ -237,7 +194,13 @@ pub async fn create(
         caller.name(),
         move |op| images::import(k, id, source, sha, op),
     )?;
-    Ok(accepted(&op, "image", json!(*image)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ImageCreated {
+            operation: Some((*op).clone()),
+            image: (*image).clone(),
+        }),
+    ))
 }
 
 /// Imports one of keeld's own files (a VM's disk) as the bytes of an
@@ -258,7 +221,7 @@ pub async fn upload(
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
     req: Request,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Image>> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     let waiting =
         image.status == ImageStatus::Importing && image.status_reason == "waiting for the upload";
@@ -315,13 +278,7 @@ pub async fn upload(
         .images
         .get(&image.id)
         .ok_or_else(|| ApiError::not_found("The image was deleted during its upload"))?;
-    Ok(Json(json!(*image)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Share {
-    projects: Vec<String>,
+    Ok(Json((*image).clone()))
 }
 
 pub async fn share(
@@ -329,8 +286,8 @@ pub async fn share(
     caller: Caller,
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ListParams>,
-    Body(req): Body<Share>,
-) -> ApiResult<Json<Value>> {
+    Body(req): Body<ShareImage>,
+) -> ApiResult<Json<Image>> {
     let image = find_image(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     // Only into projects the caller belongs to (ones it is shared with
     // already may stay); others are not told apart from missing ones.
@@ -354,7 +311,7 @@ pub async fn share(
             Ok(())
         })?
         .ok_or_else(|| ApiError::not_found("The image was deleted"))?;
-    Ok(Json(json!(*updated)))
+    Ok(Json((*updated).clone()))
 }
 
 pub async fn remove(

@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use keel_api::keeld::{CreateFlavor, NodeSummary};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -14,7 +15,7 @@ use super::{ApiError, ApiResult, Body, Caller};
 use crate::auth::Access;
 use crate::control::nodes;
 use crate::keel::Keel;
-use crate::model::{Flavor, valid_name};
+use crate::model::{Flavor, Operation, valid_name};
 use crate::store::{Log, LogQuery};
 
 pub async fn metrics(State(keel): State<Arc<Keel>>) -> impl IntoResponse {
@@ -24,27 +25,57 @@ pub async fn metrics(State(keel): State<Arc<Keel>>) -> impl IntoResponse {
     )
 }
 
-pub async fn node(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Value> {
-    Json(json!(nodes::summary(&keel)))
+pub async fn node(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<NodeSummary> {
+    // Field by field, so a field control/ adds is not forgotten here.
+    let nodes::NodeSummary {
+        hostname,
+        cpus,
+        memory_bytes,
+        memory_available_bytes,
+        disk_bytes,
+        disk_available_bytes,
+        cpu_overcommit,
+        vcpus_allocated,
+        vcpus_capacity,
+        memory_allocated_bytes,
+        vms_by_status,
+        vms_total,
+        images,
+        disks,
+    } = nodes::summary(&keel);
+    Json(NodeSummary {
+        hostname,
+        cpus,
+        memory_bytes,
+        memory_available_bytes,
+        disk_bytes,
+        disk_available_bytes,
+        cpu_overcommit,
+        vcpus_allocated,
+        vcpus_capacity,
+        memory_allocated_bytes,
+        vms_by_status,
+        vms_total,
+        images,
+        disks,
+    })
 }
 
-pub async fn list_flavors(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Value> {
-    Json(json!(keel.flavors.filter(|_| true)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateFlavor {
-    name: String,
-    vcpus: u8,
-    memory_mib: u64,
+pub async fn list_flavors(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Vec<Flavor>> {
+    Json(
+        keel.flavors
+            .filter(|_| true)
+            .iter()
+            .map(|f| (**f).clone())
+            .collect(),
+    )
 }
 
 pub async fn create_flavor(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateFlavor>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Flavor>)> {
     caller.require_system_admin()?;
     if !valid_name(&req.name) {
         return Err(ApiError::bad_request(format!(
@@ -61,7 +92,7 @@ pub async fn create_flavor(
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
     })?;
-    Ok((StatusCode::CREATED, Json(json!(*flavor))))
+    Ok((StatusCode::CREATED, Json((*flavor).clone())))
 }
 
 pub async fn delete_flavor(
@@ -125,11 +156,10 @@ pub async fn list_operations(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Query(q): Query<ProjectParam>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vec<Operation>>> {
     let project = caller.project(&keel, q.project.as_deref(), Access::Read)?;
-    Ok(Json(json!(
-        keel.operations.filter(|op| op.project == project)
-    )))
+    let ops = keel.operations.filter(|op| op.project == project);
+    Ok(Json(ops.iter().map(|op| (**op).clone()).collect()))
 }
 
 #[derive(Deserialize)]
@@ -143,7 +173,7 @@ pub async fn get_operation(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<WaitParam>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Operation>> {
     let op = keel
         .operations
         .get(&id)
@@ -155,5 +185,5 @@ pub async fn get_operation(
     let op = crate::control::operations::wait(&keel, &id, wait)
         .await
         .ok_or_else(|| ApiError::not_found(format!("No operation {id}")))?;
-    Ok(Json(json!(*op)))
+    Ok(Json((*op).clone()))
 }

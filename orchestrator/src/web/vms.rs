@@ -7,7 +7,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use keel_api::agent::SeedSpec;
-use serde::Deserialize;
+use keel_api::keeld::{
+    Accepted, Batch, BatchResult, BatchResults, CreateVm, Keyed, MakeImage, Page, ResizeMode,
+    ResizeVm, ResizedVm, UpdateVm,
+};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::access::{find_image, find_vm, image_usable_in};
@@ -16,8 +20,8 @@ use crate::auth::Access;
 use crate::control::{operations, scheduler, vms};
 use crate::keel::Keel;
 use crate::model::{
-    Disk, DiskStatus, GuestInit, Image, ImageStatus, Operation, PowerState, RestartPolicy, Vm,
-    VmStatus, new_id, now, valid_name,
+    Disk, DiskStatus, GuestInit, Image, ImageStatus, Operation, PowerState, Vm, VmStatus, new_id,
+    now, valid_name,
 };
 use crate::store::{Log, LogQuery, StoreError};
 
@@ -25,15 +29,17 @@ const GIB: u64 = 1 << 30;
 /// The largest disk keeld makes: 64 TiB.
 const MAX_DISK_GIB: u64 = 64 << 10;
 
-/// A VM as shown.
-pub fn vm_view(vm: &Vm) -> Value {
-    json!(vm)
-}
-
-pub fn accepted(op: &Operation, kind: &str, resource: Value) -> (StatusCode, Json<Value>) {
+/// A 202 answer: the operation started and the resource (under its key).
+pub fn accepted<T: Keyed + Serialize>(
+    op: &Operation,
+    resource: T,
+) -> (StatusCode, Json<Accepted<T>>) {
     (
         StatusCode::ACCEPTED,
-        Json(json!({ "operation": op, kind: resource })),
+        Json(Accepted {
+            operation: op.clone(),
+            resource,
+        }),
     )
 }
 
@@ -103,9 +109,13 @@ pub async fn list(
             && q.status.is_none_or(|s| s == vm.status)
             && vm.id.as_str() > after.as_str()
     });
-    let page: Vec<Value> = vms.iter().take(limit).map(|vm| vm_view(vm)).collect();
-    let next = (vms.len() > limit).then(|| vms[limit - 1].id.clone());
-    let body = axum::body::Bytes::from(json!({ "items": page, "next": next }).to_string());
+    let page = Page {
+        items: vms.iter().take(limit).map(|vm| &**vm).collect(),
+        next: (vms.len() > limit).then(|| vms[limit - 1].id.clone()),
+    };
+    let body = axum::body::Bytes::from(
+        serde_json::to_vec(&page).map_err(|e| ApiError::internal(e.to_string()))?,
+    );
     let mut cache = cache();
     if cache.len() >= LIST_CACHE_ENTRIES {
         cache.clear();
@@ -131,50 +141,9 @@ pub async fn show(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Vm>> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Read)?;
-    Ok(Json(vm_view(&vm)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewDataDisk {
-    #[serde(default)]
-    name: Option<String>,
-    size_gib: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    name: String,
-    #[serde(default)]
-    project: Option<String>,
-    image: String,
-    #[serde(default)]
-    flavor: Option<String>,
-    #[serde(default)]
-    vcpus: Option<u8>,
-    #[serde(default)]
-    memory_mib: Option<u64>,
-    /// System disk size; default: the image's size (at least its minimum).
-    #[serde(default)]
-    disk_gib: Option<u64>,
-    #[serde(default)]
-    data_disks: Vec<NewDataDisk>,
-    #[serde(default)]
-    description: String,
-    #[serde(default)]
-    restart_policy: RestartPolicy,
-    #[serde(default)]
-    hostname: Option<String>,
-    #[serde(default)]
-    root_password: Option<String>,
-    #[serde(default)]
-    ssh_authorized_keys: Vec<String>,
-    /// Start it once created (default true).
-    #[serde(default)]
-    start: Option<bool>,
+    Ok(Json((*vm).clone()))
 }
 
 fn name_taken(keel: &Keel, project: &str, name: &str) -> bool {
@@ -187,7 +156,7 @@ pub async fn create(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<CreateVm>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
     let project = caller.project(&keel, req.project.as_deref(), Access::Operate)?;
     if !valid_name(&req.name) {
         return Err(ApiError::bad_request(format!(
@@ -390,7 +359,7 @@ pub async fn create(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "vm", vm_view(&vm)))
+    Ok(accepted(&op, (*vm).clone()))
 }
 
 fn require_live(vm: &Vm) -> ApiResult<()> {
@@ -416,7 +385,7 @@ async fn lifecycle(
     key: String,
     project: Option<String>,
     action: &'static str,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
     let vm = find_vm(&keel, &caller, &key, project.as_deref(), Access::Operate)?;
     require_live(&vm)?;
     let running = vms::running(&keel, &vm.id);
@@ -456,7 +425,7 @@ async fn lifecycle(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "vm", vm_view(&vm)))
+    Ok(accepted(&op, (*vm).clone()))
 }
 
 macro_rules! lifecycle_handler {
@@ -466,7 +435,7 @@ macro_rules! lifecycle_handler {
             caller: Caller,
             Path(id): Path<String>,
             Query(q): Query<KeyParams>,
-        ) -> ApiResult<(StatusCode, Json<Value>)> {
+        ) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
             lifecycle(keel, caller, id, q.project, $action).await
         }
     };
@@ -479,24 +448,13 @@ lifecycle_handler!(reboot, "reboot");
 lifecycle_handler!(pause, "pause");
 lifecycle_handler!(resume, "resume");
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateVm {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    restart_policy: Option<RestartPolicy>,
-}
-
 pub async fn update(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
     Body(req): Body<UpdateVm>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     if let Some(name) = &req.name {
         if !valid_name(name) {
@@ -539,18 +497,7 @@ pub async fn update(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "vm", vm_view(&updated)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Resize {
-    #[serde(default)]
-    flavor: Option<String>,
-    #[serde(default)]
-    vcpus: Option<u8>,
-    #[serde(default)]
-    memory_mib: Option<u64>,
+    Ok(accepted(&op, (*updated).clone()))
 }
 
 pub async fn resize(
@@ -558,8 +505,8 @@ pub async fn resize(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
-    Body(req): Body<Resize>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+    Body(req): Body<ResizeVm>,
+) -> ApiResult<(StatusCode, Json<Accepted<ResizedVm>>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     require_live(&vm)?;
     let (mut vcpus, mut memory_mib) = (vm.vcpus, vm.memory_mib);
@@ -609,15 +556,20 @@ pub async fn resize(
         caller.name(),
         json!({"live": hot, "vcpus": vcpus, "memory_mib": memory_mib}),
     )?;
-    let mut body = vm_view(&updated);
-    body["resize"] = json!(if hot {
-        "live"
+    let resize = if hot {
+        ResizeMode::Live
     } else if running {
-        "at next boot"
+        ResizeMode::AtNextBoot
     } else {
-        "done"
-    });
-    Ok(accepted(&op, "vm", body))
+        ResizeMode::Done
+    };
+    Ok(accepted(
+        &op,
+        ResizedVm {
+            vm: (*updated).clone(),
+            resize,
+        },
+    ))
 }
 
 pub async fn remove(
@@ -625,7 +577,7 @@ pub async fn remove(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     if vm.status == VmStatus::Creating {
         return Err(ApiError::conflict(format!(
@@ -651,7 +603,7 @@ pub async fn remove(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "vm", vm_view(&vm)))
+    Ok(accepted(&op, (*vm).clone()))
 }
 
 pub async fn restore(
@@ -659,7 +611,7 @@ pub async fn restore(
     caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Vm>>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     if vm.deleted_at.is_none() {
         return Err(ApiError::conflict(format!(
@@ -689,23 +641,14 @@ pub async fn restore(
         caller.name(),
         Value::Null,
     )?;
-    Ok(accepted(&op, "vm", vm_view(&restored)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Batch {
-    action: String,
-    vms: Vec<String>,
-    #[serde(default)]
-    project: Option<String>,
+    Ok(accepted(&op, (*restored).clone()))
 }
 
 pub async fn batch(
     State(keel): State<Arc<Keel>>,
     caller: Caller,
     Body(req): Body<Batch>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<BatchResults>)> {
     if !matches!(
         req.action.as_str(),
         "start" | "stop" | "force-off" | "delete"
@@ -747,17 +690,21 @@ pub async fn batch(
             .await
         };
         results.push(match outcome {
-            Ok((_, Json(body))) => json!({"vm": key, "operation": body["operation"]}),
-            Err(e) => json!({"vm": key, "status": e.status.as_u16(), "error": e.message}),
+            Ok((_, Json(accepted))) => BatchResult {
+                vm: key,
+                operation: Some(accepted.operation),
+                status: None,
+                error: None,
+            },
+            Err(e) => BatchResult {
+                vm: key,
+                operation: None,
+                status: Some(e.status.as_u16()),
+                error: Some(e.message),
+            },
         });
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({ "results": results }))))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MakeImage {
-    name: String,
+    Ok((StatusCode::ACCEPTED, Json(BatchResults { results })))
 }
 
 pub async fn make_image(
@@ -766,7 +713,7 @@ pub async fn make_image(
     Path(id): Path<String>,
     Query(q): Query<KeyParams>,
     Body(req): Body<MakeImage>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Accepted<Image>>)> {
     let vm = find_vm(&keel, &caller, &id, q.project.as_deref(), Access::Operate)?;
     if vm.status != VmStatus::Stopped || vms::running(&keel, &vm.id) {
         return Err(ApiError::conflict(format!(
@@ -837,7 +784,7 @@ pub async fn make_image(
             result
         },
     )?;
-    Ok(accepted(&op, "image", json!(*image)))
+    Ok(accepted(&op, (*image).clone()))
 }
 
 #[derive(Deserialize)]

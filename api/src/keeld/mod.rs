@@ -1,9 +1,18 @@
-//! keeld's resources as its web API shows them (and stores them): typed
-//! once here for keeld, the `keel` CLI, the web UI's build and the tests.
+//! keeld's web API, typed once here for keeld, the `keel` CLI, the web
+//! UI's build and the tests: its resources as it shows them (and stores
+//! them), the bodies of its requests ([`requests`]) and of its answers
+//! ([`replies`]). keeld's OpenAPI document is generated from these types.
+
+pub mod replies;
+pub mod requests;
+
+pub use replies::*;
+pub use requests::*;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Project {
     pub id: String,
     pub name: String,
@@ -16,7 +25,7 @@ pub struct Project {
 }
 
 /// A project's limits (set by system admins). `None`: no limit.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     /// VMs outside the recycle bin.
@@ -36,7 +45,7 @@ pub struct Quota {
     pub image_gib: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Viewer,
@@ -44,20 +53,20 @@ pub enum Role {
     Admin,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Membership {
     pub project: String,
     pub role: Role,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Flavor {
     pub id: String,
     pub vcpus: u8,
     pub memory_mib: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageFormat {
     Raw,
@@ -65,7 +74,7 @@ pub enum ImageFormat {
     Iso,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageStatus {
     Importing,
@@ -75,7 +84,7 @@ pub enum ImageStatus {
 
 /// How a VM made from an image boots while keel-vmm has no firmware: a
 /// kernel (and initramfs) kept beside the disk, and their command line.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct BootSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
@@ -85,7 +94,7 @@ pub struct BootSpec {
     pub cmdline: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Image {
     pub id: String,
     pub project: String,
@@ -122,7 +131,7 @@ pub struct Image {
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskStatus {
     Creating,
@@ -131,7 +140,7 @@ pub enum DiskStatus {
     Error,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Disk {
     pub id: String,
     pub project: String,
@@ -151,7 +160,7 @@ pub struct Disk {
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmStatus {
     Creating,
@@ -163,7 +172,7 @@ pub enum VmStatus {
     Error,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     Always,
@@ -173,7 +182,7 @@ pub enum RestartPolicy {
 }
 
 /// What the owner wants the VM to be doing; the agent works toward it.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerState {
     Running,
@@ -182,7 +191,7 @@ pub enum PowerState {
 }
 
 /// First-boot configuration handed to cloud-init.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct GuestInit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
@@ -198,7 +207,7 @@ pub struct GuestInit {
     pub ssh_authorized_keys: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Vm {
     pub id: String,
     pub project: String,
@@ -234,7 +243,7 @@ pub struct Vm {
     pub created_at: u64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationStatus {
     Running,
@@ -243,7 +252,7 @@ pub enum OperationStatus {
 }
 
 /// A long or asynchronous piece of work a mutating call started.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Operation {
     pub id: String,
     pub project: String,
