@@ -4,29 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use serde::Serialize;
+pub use keel_api::keeld::NodeSummary;
 
 use crate::keel::Keel;
 use crate::model::VmStatus;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeSummary {
-    pub hostname: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub memory_available_bytes: u64,
-    pub disk_bytes: u64,
-    pub disk_available_bytes: u64,
-    pub cpu_overcommit: f64,
-    /// vCPUs of VMs that are not stopped.
-    pub vcpus_allocated: u64,
-    pub vcpus_capacity: u64,
-    pub memory_allocated_bytes: u64,
-    pub vms_by_status: BTreeMap<String, u64>,
-    pub vms_total: u64,
-    pub images: u64,
-    pub disks: u64,
-}
 
 /// Whether a VM's resources count against the host.
 pub fn holds_resources(status: VmStatus) -> bool {

@@ -26,39 +26,7 @@ pub async fn metrics(State(keel): State<Arc<Keel>>) -> impl IntoResponse {
 }
 
 pub async fn node(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<NodeSummary> {
-    // Field by field, so a field control/ adds is not forgotten here.
-    let nodes::NodeSummary {
-        hostname,
-        cpus,
-        memory_bytes,
-        memory_available_bytes,
-        disk_bytes,
-        disk_available_bytes,
-        cpu_overcommit,
-        vcpus_allocated,
-        vcpus_capacity,
-        memory_allocated_bytes,
-        vms_by_status,
-        vms_total,
-        images,
-        disks,
-    } = nodes::summary(&keel);
-    Json(NodeSummary {
-        hostname,
-        cpus,
-        memory_bytes,
-        memory_available_bytes,
-        disk_bytes,
-        disk_available_bytes,
-        cpu_overcommit,
-        vcpus_allocated,
-        vcpus_capacity,
-        memory_allocated_bytes,
-        vms_by_status,
-        vms_total,
-        images,
-        disks,
-    })
+    Json(nodes::summary(&keel))
 }
 
 pub async fn list_flavors(State(keel): State<Arc<Keel>>, _caller: Caller) -> Json<Vec<Flavor>> {
