@@ -9,7 +9,6 @@ pub use keel_api::keeld::NodeSummary;
 use crate::keel::Keel;
 use crate::model::VmStatus;
 
-
 /// Whether a VM's resources count against the host.
 pub fn holds_resources(status: VmStatus) -> bool {
     !matches!(
