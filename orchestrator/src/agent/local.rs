@@ -211,10 +211,10 @@ impl LocalAgent {
         let socket = self.running_socket(vm)?;
         process::with_client(socket, VMM_CALL_TIMEOUT, f)
             .await
-            .map_err(|reason| AgentError::Vmm {
+            .map_err(|source| AgentError::Vmm {
                 vm: vm.to_string(),
                 call,
-                reason,
+                source,
             })
     }
 
@@ -306,8 +306,10 @@ impl LocalAgent {
                 ),
             });
         }
-        let mut child = process::spawn(&self.config.vmm_binary, &files)
-            .map_err(|reason| AgentError::Start { reason })?;
+        let mut child =
+            process::spawn(&self.config.vmm_binary, &files).map_err(|e| AgentError::Start {
+                reason: keel_api::error_chain(&e),
+            })?;
         let pid = child.id() as i32;
         let pidfd =
             process::watch_pid(pid).map_err(AgentError::io(format!("watch keel-vmm pid {pid}")))?;
@@ -336,7 +338,7 @@ impl LocalAgent {
             let _ = tokio::time::timeout(Duration::from_millis(500), pidfd.readable()).await;
             let e = match child.try_wait() {
                 Ok(Some(status)) => format!("keel-vmm exited at start ({status})"),
-                _ => e,
+                _ => keel_api::error_chain(&e),
             };
             let _ = child.kill();
             let _ = child.wait();

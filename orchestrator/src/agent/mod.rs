@@ -35,11 +35,12 @@ pub enum AgentError {
     /// Why a VMM could not be started (its last words included).
     #[error("{reason}")]
     Start { reason: String },
-    #[error("keel-vmm of VM {vm} refused {call}: {reason}")]
+    #[error("keel-vmm of VM {vm} refused {call}")]
     Vmm {
         vm: String,
         call: &'static str,
-        reason: String,
+        #[source]
+        source: process::ProcessError,
     },
     #[error(
         "The guest did not release disk {disk} within {secs} s (is the guest's ACPI hot-plug \

@@ -118,16 +118,48 @@ pub async fn wait_pidfd(pidfd: &tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>) 
     let _ = pidfd.readable().await;
 }
 
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> String {
-    format!("Cannot {what} {}: {e}", path.display())
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("Cannot {what} {path}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Another keel-vmm runs this VM (pid {pid}); stop it first")]
+    Busy { pid: i32 },
+    #[error("Cannot run {binary}")]
+    Run {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("The VMM call panicked: {0}")]
+    Panicked(String),
 }
 
-fn mkfifo(path: &Path) -> Result<(), String> {
+fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> ProcessError {
+    ProcessError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn mkfifo(path: &Path) -> Result<(), ProcessError> {
     if path.exists() {
         return Ok(());
     }
-    let c = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("Bad path {}", path.display()))?;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io_err(
+            "create the console FIFO",
+            path,
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
     // SAFETY: `c` is a valid NUL-terminated path; mkfifo reads only it.
     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
         return Err(io_err(
@@ -175,7 +207,7 @@ fn write_pid(fd: i32, n: i32) -> std::io::Result<()> {
 /// Starts keel-vmm for a VM (empty: the VM comes with `vm.create`). Returns
 /// the child, already in its own process group and holding the VM's lock.
 /// Refuses when another keel-vmm holds it.
-pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, String> {
+pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, ProcessError> {
     std::fs::create_dir_all(&files.dir).map_err(|e| io_err("create", &files.dir, e))?;
     let lock = OpenOptions::new()
         .read(true)
@@ -188,10 +220,9 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
     let lock_fd = lock.as_raw_fd();
     // SAFETY: flock on the descriptor we just opened.
     if unsafe { libc::flock(lock_fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "Another keel-vmm runs this VM (pid {}); stop it first",
-            lock_holder(files).unwrap_or(0)
-        ));
+        return Err(ProcessError::Busy {
+            pid: lock_holder(files).unwrap_or(0),
+        });
     }
     let _ = std::fs::remove_file(files.socket());
     File::create(files.events()).map_err(|e| io_err("create", &files.events(), e))?;
@@ -259,9 +290,10 @@ pub fn spawn(binary: &Path, files: &VmFiles) -> Result<std::process::Child, Stri
             Ok(())
         });
     }
-    let child = command
-        .spawn()
-        .map_err(|e| format!("Cannot run {}: {e}", binary.display()));
+    let child = command.spawn().map_err(|source| ProcessError::Run {
+        binary: binary.display().to_string(),
+        source,
+    });
     // keeld's copy closes here; the VMM's keeps the lock.
     drop(lock);
     child
@@ -283,16 +315,14 @@ pub async fn with_client<T: Send + 'static>(
     socket: PathBuf,
     timeout: Duration,
     f: impl FnOnce(&mut VmmClient) -> Result<T, ClientError> + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, ProcessError> {
     tokio::task::spawn_blocking(move || {
-        let mut client = VmmClient::connect(&socket).map_err(|e| e.to_string())?;
-        client
-            .set_timeout(Some(timeout))
-            .map_err(|e| e.to_string())?;
-        f(&mut client).map_err(|e| e.to_string())
+        let mut client = VmmClient::connect(&socket)?;
+        client.set_timeout(Some(timeout))?;
+        Ok(f(&mut client)?)
     })
     .await
-    .map_err(|e| format!("The VMM call panicked: {e}"))?
+    .map_err(|e| ProcessError::Panicked(e.to_string()))?
 }
 
 #[cfg(test)]
@@ -315,7 +345,7 @@ mod tests {
         let pid = child.id() as i32;
         // The pid is written before exec, so it is there once spawn returns.
         assert_eq!(lock_holder(&files), Some(pid));
-        let second = spawn(&script, &files).unwrap_err();
+        let second = spawn(&script, &files).unwrap_err().to_string();
         assert!(second.contains(&format!("pid {pid}")), "{second}");
         let fd = pidfd(pid).unwrap();
         pidfd_signal(&fd, libc::SIGKILL).unwrap();

@@ -20,6 +20,8 @@ pub enum Input<'a> {
     StopRequested,
     /// What its node reports.
     Observed(&'a VmObserved),
+    /// No VMM runs it and none should (nothing is starting or stopping it).
+    Idle,
 }
 
 /// The VM after an input.
@@ -77,6 +79,11 @@ pub fn transition(vm: &Vm, input: &Input) -> Phase {
                 VmStatus::Running | VmStatus::Paused | VmStatus::Starting
             ) {
                 set(VmStatus::Stopping, "");
+            }
+        }
+        Input::Idle => {
+            if matches!(vm.status, VmStatus::Starting | VmStatus::Stopping) {
+                set(VmStatus::Stopped, "");
             }
         }
         Input::Observed(seen) => match seen.state {
@@ -260,6 +267,9 @@ mod tests {
             (S::Running, D::Running, P::OnFailure, Input::Observed(&absent), S::Error, "keel-vmm is gone (it died while keeld was not watching)", D::Running, true),
             (S::Starting, D::Running, P::OnFailure, Input::Observed(&absent), S::Starting, "old", D::Running, false),
             (S::Stopped, D::Stopped, P::OnFailure, Input::Observed(&absent), S::Stopped, "old", D::Stopped, false),
+            // Nothing runs it and nothing should.
+            (S::Stopping, D::Stopped, P::OnFailure, Input::Idle, S::Stopped, "", D::Stopped, false),
+            (S::Error, D::Stopped, P::OnFailure, Input::Idle, S::Error, "old", D::Stopped, false),
         ];
         for (i, (status, desired, policy, input, want, reason, want_desired, restart)) in
             table.into_iter().enumerate()

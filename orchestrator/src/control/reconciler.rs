@@ -13,7 +13,7 @@ use std::time::Duration;
 use keel_api::agent::{ObservedState, VmObserved};
 use tokio::time::Instant;
 
-use super::phase::{self, Input};
+use super::phase::Input;
 use super::vms;
 use crate::keel::Keel;
 use crate::model::{PowerState, Vm, VmStatus};
@@ -106,12 +106,15 @@ fn observe(keel: &Keel, vm: &Arc<Vm>, seen: &VmObserved) -> Arc<Vm> {
         // A start is on its way.
         return vm.clone();
     }
-    let next = phase::transition(vm, &Input::Observed(seen));
-    if next.restart {
-        let delay = Duration::from_secs(u64::from(vm.restarts.min(29)) + 1);
+    let Some((vm, restart)) = vms::transition(keel, &vm.id, Input::Observed(seen)) else {
+        return vm.clone();
+    };
+    if restart {
+        // 1 s, 2 s, ... up to 30 s for a VM that keeps failing.
+        let delay = Duration::from_secs(u64::from(vm.restarts.saturating_sub(1).min(29)) + 1);
         lock(&keel.reconciler.restart_at).insert(vm.id.clone(), Instant::now() + delay);
     }
-    vms::apply(keel, &vm.id, next).unwrap_or_else(|| vm.clone())
+    vm
 }
 
 fn act(keel: &Arc<Keel>, vm: &Vm, seen: &VmObserved) {
@@ -128,16 +131,7 @@ fn act(keel: &Arc<Keel>, vm: &Vm, seen: &VmObserved) {
     if wants_stop {
         // Nothing runs and nothing should: a status still saying
         // otherwise (a VMM that never got going) is set right.
-        if matches!(vm.status, VmStatus::Starting | VmStatus::Stopping) {
-            let next = phase::Phase {
-                status: VmStatus::Stopped,
-                reason: String::new(),
-                desired: vm.desired,
-                restart: false,
-                event: None,
-            };
-            vms::apply(keel, &vm.id, next);
-        }
+        vms::transition(keel, &vm.id, Input::Idle);
         return;
     }
     let due = {

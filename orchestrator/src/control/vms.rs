@@ -58,43 +58,48 @@ pub enum VmError {
     Store(#[from] StoreError),
 }
 
-/// Writes a phase to the VM's record (only what changed) and logs its
-/// event. Returns the record as written; `None` when the VM is gone.
-pub fn apply(keel: &Keel, id: &str, next: Phase) -> Option<Arc<Vm>> {
+/// Feeds one input to the VM's phase and writes what changed, in one
+/// step under the collection's lock (so a request that changed `desired`
+/// meanwhile is never written over). Returns the record as written and
+/// whether the restart policy asks for a restart; `None` when the VM is
+/// gone.
+pub fn transition(keel: &Keel, id: &str, input: Input) -> Option<(Arc<Vm>, bool)> {
     let current = keel.vms.get(id)?;
-    if let Some((kind, message)) = &next.event {
-        log::info!("VM {} ({id}): {kind}: {message}", current.name);
-        keel.event(id, kind, message);
+    let unchanged = |vm: &Vm, next: &Phase| {
+        vm.status == next.status
+            && vm.status_reason == next.reason
+            && vm.desired == next.desired
+            && !next.restart
+            && next.event.is_none()
+    };
+    if unchanged(&current, &phase::transition(&current, &input)) {
+        return Some((current, false));
     }
-    if current.status == next.status
-        && current.status_reason == next.reason
-        && current.desired == next.desired
-        && !next.restart
-    {
-        return Some(current);
-    }
+    let mut applied: Option<Phase> = None;
     let result = keel.vms.update::<StoreError>(id, |vm| {
+        let next = phase::transition(vm, &input);
         vm.status = next.status;
         vm.status_reason = next.reason.clone();
         vm.desired = next.desired;
         if next.restart {
             vm.restarts += 1;
         }
+        applied = Some(next);
         Ok(())
     });
-    match result {
-        Ok(vm) => vm,
+    let vm = match result {
+        Ok(vm) => vm?,
         Err(e) => {
             log::error!("Cannot record the state of VM {id}: {e}");
-            None
+            return None;
         }
+    };
+    let next = applied?;
+    if let Some((kind, message)) = &next.event {
+        log::info!("VM {} ({id}): {kind}: {message}", vm.name);
+        keel.event(id, kind, message);
     }
-}
-
-/// Feeds one input to the VM's phase.
-pub fn transition(keel: &Keel, id: &str, input: Input) -> Option<Arc<Vm>> {
-    let vm = keel.vms.get(id)?;
-    apply(keel, id, phase::transition(&vm, &input))
+    Some((vm, next.restart))
 }
 
 /// Records the owner's wish; for a start or stop, the status it implies.
@@ -106,13 +111,14 @@ pub fn set_desired(keel: &Keel, id: &str, desired: PowerState) -> Option<Arc<Vm>
             Ok(())
         })
         .ok()??;
-    match desired {
+    let changed = match desired {
         PowerState::Running if !keel.agent.observed(id).has_vmm() => {
             transition(keel, id, Input::StartRequested)
         }
         PowerState::Stopped => transition(keel, id, Input::StopRequested),
-        _ => Some(vm),
-    }
+        _ => None,
+    };
+    Some(changed.map_or(vm, |(vm, _)| vm))
 }
 
 /// What the node needs to run the VM.
@@ -176,7 +182,7 @@ async fn start(keel: &Arc<Keel>, id: &str) -> Result<(), VmError> {
             Ok(())
         })?
         .ok_or(VmError::Gone)?;
-    let vm = transition(keel, id, Input::StartRequested).unwrap_or(vm);
+    let vm = transition(keel, id, Input::StartRequested).map_or(vm, |(vm, _)| vm);
     scheduler::place(keel, &vm)?;
     let spec = spec(keel, &vm)?;
     Ok(keel.agent.start(spec).await?)
@@ -355,12 +361,19 @@ pub async fn create_job(keel: &Arc<Keel>, id: &str, progress: Progress) -> Resul
             );
             return Err(why);
         }
+        // Stopped and ready: the reconciler starts it if its owner still
+        // wants it running (desired was set at the request; a later stop
+        // or delete is left alone).
         transition(keel, id, Input::Provisioned);
-        let vm = keel.vms.get(id).ok_or(VmError::Gone)?;
-        if vm.desired == PowerState::Stopped {
-            return Ok(());
-        }
-        set_desired(keel, id, PowerState::Running);
+    }
+    let vm = keel.vms.get(id).ok_or(VmError::Gone)?;
+    if vm.desired == PowerState::Stopped || vm.deleted_at.is_some() {
+        return Ok(());
+    }
+    // Started here rather than on the reconciler's next pass: the same
+    // start (a second one finds the VM busy), one hop sooner.
+    if vm.status == VmStatus::Stopped && !running(keel, id) {
+        spawn_start(keel, id);
     }
     match wait_running(keel, id).await {
         // Made; a later request stopped (or deleted) it before it ran.
