@@ -341,7 +341,20 @@ mod tests {
         std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        let mut child = spawn(&script, &files).unwrap();
+        // Another test forking while the script was being written can
+        // hold it open a moment (ETXTBSY): try again then.
+        let mut child = (0..100)
+            .find_map(|_| match spawn(&script, &files) {
+                Err(ProcessError::Run { source, .. })
+                    if source.raw_os_error() == Some(libc::ETXTBSY) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                }
+                other => Some(other),
+            })
+            .unwrap()
+            .unwrap();
         let pid = child.id() as i32;
         // The pid is written before exec, so it is there once spawn returns.
         assert_eq!(lock_holder(&files), Some(pid));

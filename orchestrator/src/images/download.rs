@@ -618,7 +618,9 @@ impl Fetch<'_> {
             self.room(total, total)?;
             next_check = CHECK_EVERY;
         }
-        let mut sink = Sink::create(self.to, total).await?;
+        let mut sink = Sink::create(self.to, total)
+            .await
+            .map_err(|e| keel_api::error_chain(&e))?;
         let body = response.body_mut();
         while let Some(frame) = self.waits.on("reading the data", body.frame()).await? {
             let frame = frame.map_err(|e| format!("{url}: the download failed: {e}"))?;
@@ -646,7 +648,9 @@ impl Fetch<'_> {
                 }
                 next_check = after + CHECK_EVERY;
             }
-            sink.write(chunk, self.keel, self.id, Some(self.op)).await?;
+            sink.write(chunk, self.keel, self.id, Some(self.op))
+                .await
+                .map_err(|e| keel_api::error_chain(&e))?;
         }
         if let Some(total) = total
             && sink.written != total
@@ -656,7 +660,7 @@ impl Fetch<'_> {
                 sink.written
             ));
         }
-        sink.finish().await
+        sink.finish().await.map_err(|e| keel_api::error_chain(&e))
     }
 
     /// Records that the import will take `bytes`.

@@ -18,11 +18,68 @@ use hyper::body::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
+use thiserror::Error;
+
 use crate::control::operations::Progress;
 use crate::keel::Keel;
 use crate::model::{ImageFormat, ImageStatus};
 use crate::quota::QuotaError;
 use crate::store::StoreError;
+
+/// Why an import failed; recorded as the image's `status_reason`.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("Cannot create {path}")]
+    Create {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot write the image")]
+    Write(#[source] std::io::Error),
+    #[error("Cannot read the source file")]
+    Read(#[source] std::io::Error),
+    #[error("The upload was cut short: {0}")]
+    UploadCut(String),
+    #[error("The upload was cut short: {got} of {want} bytes arrived")]
+    UploadShort { got: u64, want: u64 },
+    #[error("Checksum mismatch: the data's SHA-256 is {sha}, {expected} was expected")]
+    Checksum { sha: String, expected: String },
+    #[error("Image {0} was deleted during its import")]
+    Deleted(String),
+    #[error("Cannot read what was imported")]
+    Head(#[source] std::io::Error),
+    #[error("The data is {found:?} but the image was declared {declared:?}; give format={give}")]
+    Format {
+        found: ImageFormat,
+        declared: ImageFormat,
+        give: String,
+    },
+    #[error("Cannot run qemu-img to convert the qcow2 image; install qemu-utils")]
+    QemuImgMissing(#[source] std::io::Error),
+    #[error("qemu-img could not convert the image: {0}")]
+    QemuImg(String),
+    #[error("Cannot put the image in place")]
+    Rename(#[source] std::io::Error),
+    #[error("Cannot create the {what} {path}")]
+    BootFileCreate {
+        what: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot copy the {what}")]
+    BootFileCopy {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// What went wrong with a URL import (download.rs words it whole).
+    #[error("{0}")]
+    Download(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Where an image's bytes come from.
 #[derive(Debug)]
@@ -42,10 +99,13 @@ pub(crate) struct Sink {
 }
 
 impl Sink {
-    pub(crate) async fn create(path: &Path, total: Option<u64>) -> Result<Sink, String> {
+    pub(crate) async fn create(path: &Path, total: Option<u64>) -> Result<Sink, ImportError> {
         let file = tokio::fs::File::create(path)
             .await
-            .map_err(|e| format!("Cannot create {}: {e}", path.display()))?;
+            .map_err(|source| ImportError::Create {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(Sink {
             file,
             hasher: Sha256::new(),
@@ -61,18 +121,18 @@ impl Sink {
         keel: &Keel,
         image: &str,
         op: Option<&Progress>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ImportError> {
         // Zeros become holes: a mostly empty disk image stays sparse.
         if chunk.iter().all(|&b| b == 0) {
             self.file
                 .seek(std::io::SeekFrom::Current(chunk.len() as i64))
                 .await
-                .map_err(|e| format!("Cannot write the image: {e}"))?;
+                .map_err(ImportError::Write)?;
         } else {
             self.file
                 .write_all(chunk)
                 .await
-                .map_err(|e| format!("Cannot write the image: {e}"))?;
+                .map_err(ImportError::Write)?;
         }
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
@@ -90,15 +150,12 @@ impl Sink {
         Ok(())
     }
 
-    pub(crate) async fn finish(self) -> Result<(u64, String), String> {
+    pub(crate) async fn finish(self) -> Result<(u64, String), ImportError> {
         self.file
             .set_len(self.written)
             .await
-            .map_err(|e| format!("Cannot write the image: {e}"))?;
-        self.file
-            .sync_all()
-            .await
-            .map_err(|e| format!("Cannot write the image: {e}"))?;
+            .map_err(ImportError::Write)?;
+        self.file.sync_all().await.map_err(ImportError::Write)?;
         Ok((self.written, hex::encode(self.hasher.finalize())))
     }
 }
@@ -149,28 +206,32 @@ pub async fn import(
     source: Source,
     expected_sha256: Option<String>,
     op: Progress,
-) -> Result<(), String> {
+) -> Result<(), ImportError> {
     let partial = keel.paths.image_file(&id, "partial");
     let copied = match source {
         Source::File(file) => copy_file(&keel, &id, file, &partial, &op).await,
-        Source::Url(url) => download::download(&keel, &id, &url, &partial, &op).await,
+        Source::Url(url) => download::download(&keel, &id, &url, &partial, &op)
+            .await
+            .map_err(ImportError::Download),
     };
     let result = match copied {
         Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
-        fail(&keel, &id, e);
+        fail(&keel, &id, &keel_api::error_chain(e));
     }
     result
 }
 
 /// Why an upload failed.
-#[derive(Debug)]
+#[derive(Debug, Error)]
 pub enum UploadError {
     /// Over the project's quota or the host's free space (its own status).
+    #[error(transparent)]
     Room(QuotaError),
-    Failed(String),
+    #[error(transparent)]
+    Failed(#[from] ImportError),
 }
 
 /// How much of a failed upload's remaining body is read and dropped, so
@@ -198,12 +259,9 @@ where
     let partial = keel.paths.image_file(&id, "partial");
     let mut checked = length.unwrap_or(0);
     let received = async {
-        let mut sink = Sink::create(&partial, length)
-            .await
-            .map_err(UploadError::Failed)?;
+        let mut sink = Sink::create(&partial, length).await?;
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| UploadError::Failed(format!("The upload was cut short: {e}")))?;
+            let chunk = chunk.map_err(|e| ImportError::UploadCut(e.to_string()))?;
             if sink.written + chunk.len() as u64 > checked {
                 checked = sink.written + chunk.len() as u64 + ROOM_STEP;
                 crate::quota::check_image(&keel, project, &id, checked)
@@ -220,12 +278,13 @@ where
         if let Some(length) = length
             && sink.written != length
         {
-            return Err(UploadError::Failed(format!(
-                "The upload was cut short: {} of {length} bytes arrived",
-                sink.written
-            )));
+            return Err(ImportError::UploadShort {
+                got: sink.written,
+                want: length,
+            }
+            .into());
         }
-        sink.finish().await.map_err(UploadError::Failed)
+        Ok(sink.finish().await?)
     }
     .await;
     let result = match received {
@@ -235,11 +294,7 @@ where
         Err(e) => Err(e),
     };
     if let Err(e) = &result {
-        let reason = match e {
-            UploadError::Room(q) => q.to_string(),
-            UploadError::Failed(s) => s.clone(),
-        };
-        fail(&keel, &id, &reason);
+        fail(&keel, &id, &keel_api::error_chain(e));
         // The rest of the body is read (within bounds) and dropped, so the
         // client reads the answer.
         let _ = tokio::time::timeout(DRAIN_TIME, async {
@@ -262,17 +317,14 @@ async fn copy_file(
     from: std::fs::File,
     to: &Path,
     op: &Progress,
-) -> Result<(u64, String), String> {
+) -> Result<(u64, String), ImportError> {
     let mut file = tokio::fs::File::from_std(from);
     let total = file.metadata().await.map(|m| m.len()).ok();
     let mut sink = Sink::create(to, total).await?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         use tokio::io::AsyncReadExt;
-        let n = file
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("Cannot read the source file: {e}"))?;
+        let n = file.read(&mut buf).await.map_err(ImportError::Read)?;
         if n == 0 {
             break;
         }
@@ -298,32 +350,33 @@ async fn finish(
     size: u64,
     sha: &str,
     expected: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), ImportError> {
     if let Some(expected) = expected
         && !expected.eq_ignore_ascii_case(sha)
     {
-        return Err(format!(
-            "Checksum mismatch: the data's SHA-256 is {sha}, {expected} was expected"
-        ));
+        return Err(ImportError::Checksum {
+            sha: sha.to_string(),
+            expected: expected.to_string(),
+        });
     }
     let image = keel
         .images
         .get(id)
-        .ok_or_else(|| format!("Image {id} was deleted during its import"))?;
+        .ok_or_else(|| ImportError::Deleted(id.to_string()))?;
     let partial = keel.paths.image_file(id, "partial");
-    let head = crate::files::read_head(&partial, 0x8006).map_err(|e| e.to_string())?;
+    let head = crate::files::read_head(&partial, 0x8006).map_err(ImportError::Head)?;
     let found = sniff(&head);
     // An ISO may hold anything, and a raw disk may look like an ISO: only
     // a declared qcow2 must be one, and a qcow2 must be declared.
     if (found == ImageFormat::Qcow2) != (image.source_format == ImageFormat::Qcow2) {
-        return Err(format!(
-            "The data is {found:?} but the image was declared {:?}; give format={}",
-            image.source_format,
-            serde_json::to_value(found)
+        return Err(ImportError::Format {
+            found,
+            declared: image.source_format,
+            give: serde_json::to_value(found)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        ));
+                .unwrap_or_default(),
+        });
     }
     let target = keel.paths.image_disk(id);
     let size = if found == ImageFormat::Qcow2 {
@@ -335,34 +388,29 @@ async fn finish(
             .arg(&converted)
             .output()
             .await
-            .map_err(|e| {
-                format!("Cannot run qemu-img to convert the qcow2 image ({e}); install qemu-utils")
-            })?;
+            .map_err(ImportError::QemuImgMissing)?;
         let _ = std::fs::remove_file(&partial);
         if !output.status.success() {
             let _ = std::fs::remove_file(&converted);
-            return Err(format!(
-                "qemu-img could not convert the image: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
+            return Err(ImportError::QemuImg(
+                String::from_utf8_lossy(&output.stderr).trim().to_string(),
             ));
         }
-        std::fs::rename(&converted, &target).map_err(|e| e.to_string())?;
+        std::fs::rename(&converted, &target).map_err(ImportError::Rename)?;
         std::fs::metadata(&target).map(|m| m.len()).unwrap_or(size)
     } else {
-        std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
+        std::fs::rename(&partial, &target).map_err(ImportError::Rename)?;
         size
     };
-    keel.images
-        .update::<StoreError>(id, |img| {
-            img.status = ImageStatus::Ready;
-            img.status_reason.clear();
-            img.progress = 100;
-            img.reserved = 0;
-            img.size = size;
-            img.sha256 = sha.to_string();
-            Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+    keel.images.update::<StoreError>(id, |img| {
+        img.status = ImageStatus::Ready;
+        img.status_reason.clear();
+        img.progress = 100;
+        img.reserved = 0;
+        img.size = size;
+        img.sha256 = sha.to_string();
+        Ok(())
+    })?;
     crate::control::images::ready(keel, id);
     Ok(())
 }
@@ -374,7 +422,7 @@ pub fn copy_boot_file(
     image: &str,
     what: &str,
     mut from: std::fs::File,
-) -> Result<(), String> {
+) -> Result<(), ImportError> {
     use std::os::unix::fs::OpenOptionsExt;
     let to = keel.paths.image_file(image, what);
     let mut out = std::fs::OpenOptions::new()
@@ -383,10 +431,17 @@ pub fn copy_boot_file(
         .truncate(true)
         .mode(0o600)
         .open(&to)
-        .map_err(|e| format!("Cannot create the {what} {}: {e}", to.display()))?;
+        .map_err(|source| ImportError::BootFileCreate {
+            what: what.to_string(),
+            path: to.display().to_string(),
+            source,
+        })?;
     std::io::copy(&mut from, &mut out)
         .map(|_| ())
-        .map_err(|e| format!("Cannot copy the {what}: {e}"))
+        .map_err(|source| ImportError::BootFileCopy {
+            what: what.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

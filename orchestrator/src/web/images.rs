@@ -171,7 +171,7 @@ pub async fn create(
                 let _ = std::fs::remove_file(keel.paths.image_file(&image.id, what));
             }
             let _ = keel.images.remove(&image.id);
-            return Err(ApiError::bad_request(e));
+            return Err(ApiError::bad_request(keel_api::error_chain(&e)));
         }
     }
     let Some(source) = source else {
@@ -210,8 +210,8 @@ pub async fn import_own_file(
     id: String,
     path: PathBuf,
     op: Progress,
-) -> Result<(), String> {
-    let file = File::open(&path).map_err(|e| format!("Cannot open {}: {e}", path.display()))?;
+) -> Result<(), images::ImportError> {
+    let file = File::open(&path).map_err(images::ImportError::Read)?;
     images::import(keel, id, Source::File(file), None, op).await
 }
 
@@ -272,7 +272,9 @@ pub async fn upload(
     match uploaded {
         Ok(()) => {}
         Err(images::UploadError::Room(e)) => return Err(e.into()),
-        Err(images::UploadError::Failed(e)) => return Err(ApiError::bad_request(e)),
+        Err(images::UploadError::Failed(e)) => {
+            return Err(ApiError::bad_request(keel_api::error_chain(&e)));
+        }
     }
     let image = keel
         .images

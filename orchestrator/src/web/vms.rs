@@ -777,7 +777,7 @@ pub async fn make_image(
             if let Err(e) = &result {
                 let _ = k.images.update::<StoreError>(&image_id, |img| {
                     img.status = ImageStatus::Error;
-                    img.status_reason = e.clone();
+                    img.status_reason = keel_api::error_chain(e);
                     Ok(())
                 });
             }
