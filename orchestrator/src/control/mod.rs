@@ -5,6 +5,8 @@
 
 pub mod console;
 pub mod disks;
+#[cfg(test)]
+pub mod fake_agent;
 pub mod images;
 pub mod jobs;
 pub mod nodes;
