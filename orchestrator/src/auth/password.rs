@@ -209,14 +209,25 @@ impl Default for Policy {
     }
 }
 
+/// Why a new password was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PolicyError {
+    #[error("The password must be {min} to 1024 characters")]
+    Length { min: usize },
+    #[error(
+        "The password needs at least {min} of: lowercase letters, uppercase letters, digits, \
+         other characters"
+    )]
+    Classes { min: usize },
+}
+
 impl Policy {
-    pub fn check(&self, password: &str) -> Result<(), String> {
+    pub fn check(&self, password: &str) -> Result<(), PolicyError> {
         let length = password.chars().count();
         if length < self.min_length || password.len() > 1024 {
-            return Err(format!(
-                "The password must be {} to 1024 characters",
-                self.min_length
-            ));
+            return Err(PolicyError::Length {
+                min: self.min_length,
+            });
         }
         let classes = [
             password.chars().any(|c| c.is_lowercase()),
@@ -230,11 +241,9 @@ impl Policy {
         .filter(|&&b| b)
         .count();
         if classes < self.min_classes {
-            return Err(format!(
-                "The password needs at least {} of: lowercase letters, uppercase letters, \
-                 digits, other characters",
-                self.min_classes
-            ));
+            return Err(PolicyError::Classes {
+                min: self.min_classes,
+            });
         }
         Ok(())
     }

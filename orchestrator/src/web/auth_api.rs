@@ -214,7 +214,7 @@ async fn change_inner(
     keel.config
         .password_policy
         .check(&req.new_password)
-        .map_err(|e| ApiError::bad_request(e).into_response())?;
+        .map_err(|e| ApiError::bad_request(e.to_string()).into_response())?;
     let keep = caller.filter(|c| c.user.id == user.id).map(|c| c.token);
     set_password(keel, &user, req.new_password, false, keep.as_deref()).await?;
     if user.name == "admin" {
@@ -269,7 +269,7 @@ pub async fn reset_password(
     keel.config
         .password_policy
         .check(&req.password)
-        .map_err(|e| ApiError::bad_request(e).into_response())?;
+        .map_err(|e| ApiError::bad_request(e.to_string()).into_response())?;
     set_password(
         &keel,
         &user,
@@ -375,7 +375,7 @@ pub async fn create_user(
     keel.config
         .password_policy
         .check(&req.password)
-        .map_err(ApiError::bad_request)?;
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let taken = req.name.clone();
     let exists = || ApiError::conflict(format!("User {taken} exists"));
     if keel.users.find(|u| u.name == req.name).is_some() {
