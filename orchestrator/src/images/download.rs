@@ -38,7 +38,158 @@ const CHECK_EVERY: u64 = 4 << 20;
 /// The longest `POST /api/v1/images` waits to resolve a URL's host.
 const CREATE_RESOLVE_WAIT: Duration = Duration::from_secs(10);
 
-const DELETED: &str = "The download stopped: the image was deleted";
+/// Why a URL import was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("{0}: not an http:// or https:// URL")]
+    NotHttp(String),
+    #[error("{0}: user names and passwords in URLs are not supported")]
+    UserInfo(String),
+    #[error("{0}: no ] after the IPv6 address")]
+    NoBracket(String),
+    #[error("{url}: {inside:?} is not an IPv6 address")]
+    BadIpv6 { url: String, inside: String },
+    #[error("{url}: unexpected {after:?} after the IPv6 address")]
+    AfterIpv6 { url: String, after: String },
+    #[error("{0}: put an IPv6 address in brackets: [addr]")]
+    Unbracketed(String),
+    #[error("{url}: {host:?} is not a host name or address")]
+    BadHost { url: String, host: String },
+    #[error("{0}: no host")]
+    NoHost(String),
+    #[error("{url}: bad port {port:?}")]
+    BadPort { url: String, port: String },
+    #[error("{0}: the path has characters a URL may not hold; percent-encode them")]
+    BadPath(String),
+    #[error("{url}: not allowed: {denied}")]
+    NotAllowed { url: String, denied: AddressDenied },
+    #[error("{url}: not allowed: {host} resolves to {denied}")]
+    ResolvesToDenied {
+        url: String,
+        host: String,
+        denied: AddressDenied,
+    },
+    #[error("Cannot resolve {host}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot resolve {0}: no addresses")]
+    NoAddresses(String),
+    #[error("{url}: cannot connect: {errors}")]
+    Connect { url: String, errors: String },
+    #[error(
+        "{url}: timed out {what} (no progress for {secs} s; a system admin sets this with \
+         keeld serve --url-import-timeout)"
+    )]
+    TimedOut {
+        url: String,
+        what: String,
+        secs: f64,
+    },
+    #[error("The download stopped: the image was deleted")]
+    Deleted,
+    #[error("{url}")]
+    ServerName {
+        url: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("{url}: the TLS handshake failed")]
+    Handshake {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "No trusted root certificates on this host ({0}); install the CA certificates or \
+         point SSL_CERT_FILE at them"
+    )]
+    NoRoots(String),
+    #[error("TLS")]
+    Tls(#[source] rustls::Error),
+    #[error("TLS: {0}")]
+    TlsSetup(String),
+    #[error("{url}")]
+    Http {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{url}")]
+    Request {
+        url: String,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error(
+        "{url}: the server redirects ({status}) to {location}; keeld does not follow \
+         redirects: import from that URL instead"
+    )]
+    Redirect {
+        url: String,
+        status: hyper::StatusCode,
+        location: String,
+    },
+    #[error("{url}: the server answered {status}")]
+    Status {
+        url: String,
+        status: hyper::StatusCode,
+    },
+    #[error("{url}: the download failed")]
+    Body {
+        url: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{url}: the server sent more than the {total} bytes it declared")]
+    TooMuch { url: String, total: u64 },
+    #[error("{url}: the download was cut short ({got} of {total} bytes)")]
+    Short { url: String, got: u64, total: u64 },
+    #[error("{url}")]
+    Room {
+        url: String,
+        #[source]
+        source: QuotaError,
+    },
+    #[error(transparent)]
+    Write(Box<super::ImportError>),
+}
+
+/// An address URL imports may not reach, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddressDenied {
+    pub ip: IpAddr,
+    pub kind: &'static str,
+}
+
+impl fmt::Display for AddressDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{ip}, {kind}, which URL imports may not reach; a system admin can allow it with \
+             `keeld serve --url-import-allow {ip}` (or an address block)",
+            ip = self.ip,
+            kind = self.kind
+        )
+    }
+}
+
+/// A malformed `--url-import-allow` block.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CidrError {
+    #[error("{0:?} is not an address block: give one as 127.0.0.0/8 or fd00::/8")]
+    Address(String),
+    #[error("{0}: the prefix length must be 0 to {1}")]
+    Prefix(String, u8),
+    #[error("{given}: the address has bits set past the prefix; did you mean {base}/{prefix}?")]
+    HostBits {
+        given: String,
+        base: IpAddr,
+        prefix: u8,
+    },
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
@@ -82,35 +233,39 @@ impl HttpUrl {
 }
 
 /// `http[s]://host[:port][/path][?query]` (an IPv6 host in brackets).
-pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
+pub fn parse_http_url(url: &str) -> Result<HttpUrl, DownloadError> {
     let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
     let (scheme, rest) = if lower.starts_with("https://") {
         (Scheme::Https, &url[8..])
     } else if lower.starts_with("http://") {
         (Scheme::Http, &url[7..])
     } else {
-        return Err(format!("{url}: not an http:// or https:// URL"));
+        return Err(DownloadError::NotHttp(url.into()));
     };
     let rest = rest.split('#').next().unwrap_or_default();
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
     if authority.contains('@') {
-        return Err(format!(
-            "{url}: user names and passwords in URLs are not supported"
-        ));
+        return Err(DownloadError::UserInfo(url.into()));
     }
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (inside, after) = bracketed
             .split_once(']')
-            .ok_or_else(|| format!("{url}: no ] after the IPv6 address"))?;
+            .ok_or_else(|| DownloadError::NoBracket(url.into()))?;
         let ip = inside
             .parse::<Ipv6Addr>()
-            .map_err(|_| format!("{url}: {inside:?} is not an IPv6 address"))?;
+            .map_err(|_| DownloadError::BadIpv6 {
+                url: url.into(),
+                inside: inside.into(),
+            })?;
         let port = match after {
             "" => None,
             p => Some(
                 p.strip_prefix(':')
-                    .ok_or_else(|| format!("{url}: unexpected {p:?} after the IPv6 address"))?,
+                    .ok_or_else(|| DownloadError::AfterIpv6 {
+                        url: url.into(),
+                        after: p.into(),
+                    })?,
             ),
         };
         (ip.to_string(), port)
@@ -120,18 +275,21 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
             None => (authority, None),
         };
         if port.is_some_and(|p| p.contains(':')) {
-            return Err(format!("{url}: put an IPv6 address in brackets: [addr]"));
+            return Err(DownloadError::Unbracketed(url.into()));
         }
         let valid = host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
         if !valid {
-            return Err(format!("{url}: {host:?} is not a host name or address"));
+            return Err(DownloadError::BadHost {
+                url: url.into(),
+                host: host.into(),
+            });
         }
         (host.to_ascii_lowercase(), port)
     };
     if host.is_empty() {
-        return Err(format!("{url}: no host"));
+        return Err(DownloadError::NoHost(url.into()));
     }
     let default = match scheme {
         Scheme::Http => 80,
@@ -141,7 +299,12 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
         None => default,
         Some(p) => match p.parse::<u16>() {
             Ok(p) if p > 0 => p,
-            _ => return Err(format!("{url}: bad port {p:?}")),
+            _ => {
+                return Err(DownloadError::BadPort {
+                    url: url.into(),
+                    port: p.into(),
+                });
+            }
         },
     };
     let path = if path.starts_with('/') {
@@ -150,9 +313,7 @@ pub fn parse_http_url(url: &str) -> Result<HttpUrl, String> {
         format!("/{path}")
     };
     if path.parse::<hyper::Uri>().is_err() {
-        return Err(format!(
-            "{url}: the path has characters a URL may not hold; percent-encode them"
-        ));
+        return Err(DownloadError::BadPath(url.into()));
     }
     Ok(HttpUrl {
         scheme,
@@ -191,23 +352,23 @@ impl Cidr {
 }
 
 impl FromStr for Cidr {
-    type Err = String;
+    type Err = CidrError;
 
     /// `addr/prefix`, or one address.
-    fn from_str(s: &str) -> Result<Cidr, String> {
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| {
-            format!("{s:?} is not an address block: give one as 127.0.0.0/8 or fd00::/8")
-        })?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| CidrError::Address(s.to_string()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(p) if p <= max => p,
-                _ => return Err(format!("{s}: the prefix length must be 0 to {max}")),
+                _ => return Err(CidrError::Prefix(s.to_string(), max)),
             },
         };
         let cidr = Cidr { addr, prefix };
@@ -222,9 +383,11 @@ impl FromStr for Cidr {
             }
         };
         if base != addr {
-            return Err(format!(
-                "{s}: the address has bits set past the prefix; did you mean {base}/{prefix}?"
-            ));
+            return Err(CidrError::HostBits {
+                given: s.to_string(),
+                base,
+                prefix,
+            });
         }
         Ok(cidr)
     }
@@ -292,7 +455,7 @@ fn denied_kind(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
 
 /// Whether URL imports may reach `ip`: not a denied kind, or inside one of
 /// the admin's `allow` blocks.
-pub fn check_address(ip: IpAddr, allow: &[Cidr], own: &[IpAddr]) -> Result<(), String> {
+pub fn check_address(ip: IpAddr, allow: &[Cidr], own: &[IpAddr]) -> Result<(), AddressDenied> {
     let Some(kind) = denied_kind(ip, own) else {
         return Ok(());
     };
@@ -306,10 +469,7 @@ pub fn check_address(ip: IpAddr, allow: &[Cidr], own: &[IpAddr]) -> Result<(), S
     {
         return Ok(());
     }
-    Err(format!(
-        "{ip}, {kind}, which URL imports may not reach; a system admin can allow it with \
-         `keeld serve --url-import-allow {ip}` (or an address block)"
-    ))
+    Err(AddressDenied { ip, kind })
 }
 
 /// The addresses of this node's network interfaces.
@@ -353,27 +513,42 @@ pub fn own_addresses() -> Vec<IpAddr> {
     out
 }
 
-fn check_addresses(keel: &Keel, url: &str, host: &str, addrs: &[SocketAddr]) -> Result<(), String> {
+fn check_addresses(
+    keel: &Keel,
+    url: &str,
+    host: &str,
+    addrs: &[SocketAddr],
+) -> Result<(), DownloadError> {
     let own = own_addresses();
     for a in addrs {
-        check_address(a.ip(), &keel.config.url_import_allow, &own).map_err(|e| {
+        check_address(a.ip(), &keel.config.url_import_allow, &own).map_err(|denied| {
             if host.parse::<IpAddr>().is_ok() {
-                format!("{url}: not allowed: {e}")
+                DownloadError::NotAllowed {
+                    url: url.into(),
+                    denied,
+                }
             } else {
-                format!("{url}: not allowed: {host} resolves to {e}")
+                DownloadError::ResolvesToDenied {
+                    url: url.into(),
+                    host: host.into(),
+                    denied,
+                }
             }
         })?;
     }
     Ok(())
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, DownloadError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("Cannot resolve {host}: {e}"))?
+        .map_err(|source| DownloadError::Resolve {
+            host: host.into(),
+            source,
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("Cannot resolve {host}: no addresses"));
+        return Err(DownloadError::NoAddresses(host.into()));
     }
     Ok(addrs)
 }
@@ -381,7 +556,7 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
 /// What `POST /api/v1/images` checks of a URL before it answers: its form
 /// and, when the host resolves in time, its addresses (the download checks
 /// them again, and reports a host that does not resolve).
-pub async fn check_url(keel: &Keel, url: &str) -> Result<(), String> {
+pub async fn check_url(keel: &Keel, url: &str) -> Result<(), DownloadError> {
     let parsed = parse_http_url(url)?;
     let wait = keel.config.url_import_timeout.min(CREATE_RESOLVE_WAIT);
     if let Ok(Ok(addrs)) = tokio::time::timeout(wait, resolve(&parsed.host, parsed.port)).await {
@@ -432,18 +607,17 @@ struct Waits<'a> {
 }
 
 impl Waits<'_> {
-    async fn on<T>(&self, what: &str, step: impl Future<Output = T>) -> Result<T, String> {
+    async fn on<T>(&self, what: &str, step: impl Future<Output = T>) -> Result<T, DownloadError> {
         tokio::select! {
             biased;
-            () = self.stop.notified() => Err(DELETED.to_string()),
-            done = tokio::time::timeout(self.timeout, step) => done.map_err(|_| {
-                format!(
-                    "{}: timed out {what} (no progress for {} s; a system admin sets this \
-                     with keeld serve --url-import-timeout)",
-                    self.url,
-                    self.timeout.as_secs_f64()
-                )
-            }),
+            () = self.stop.notified() => Err(DownloadError::Deleted),
+            done = tokio::time::timeout(self.timeout, step) => {
+                done.map_err(|_| DownloadError::TimedOut {
+                    url: self.url.into(),
+                    what: what.into(),
+                    secs: self.timeout.as_secs_f64(),
+                })
+            }
         }
     }
 }
@@ -454,7 +628,7 @@ pub(super) async fn download(
     url: &str,
     to: &Path,
     op: &Progress,
-) -> Result<(u64, String), String> {
+) -> Result<(u64, String), DownloadError> {
     let stop = Arc::new(Notify::new());
     DOWNLOADS
         .lock()
@@ -464,7 +638,7 @@ pub(super) async fn download(
     // `remove` drops the record before it cancels: a deletion that came
     // before the registration shows here.
     let Some(image) = keel.images.get(id) else {
-        return Err(DELETED.into());
+        return Err(DownloadError::Deleted);
     };
     let waits = Waits {
         url,
@@ -491,7 +665,10 @@ pub(super) async fn download(
         }
     }
     let Some(stream) = stream else {
-        return Err(format!("{url}: cannot connect: {}", errors.join("; ")));
+        return Err(DownloadError::Connect {
+            url: url.into(),
+            errors: errors.join("; "),
+        });
     };
     let fetch = Fetch {
         keel,
@@ -507,15 +684,23 @@ pub(super) async fn download(
         Scheme::Http => fetch.over(stream).await,
         Scheme::Https => {
             let config = tls_config().await?;
-            let name = rustls::pki_types::ServerName::try_from(parsed.host.clone())
-                .map_err(|e| format!("{url}: {e}"))?;
+            let name =
+                rustls::pki_types::ServerName::try_from(parsed.host.clone()).map_err(|source| {
+                    DownloadError::ServerName {
+                        url: url.into(),
+                        source,
+                    }
+                })?;
             let tls = waits
                 .on(
                     "in the TLS handshake",
                     tokio_rustls::TlsConnector::from(config).connect(name, stream),
                 )
                 .await?
-                .map_err(|e| format!("{url}: the TLS handshake failed: {e}"))?;
+                .map_err(|source| DownloadError::Handshake {
+                    url: url.into(),
+                    source,
+                })?;
             fetch.over(tls).await
         }
     }
@@ -523,30 +708,26 @@ pub(super) async fn download(
 
 /// The TLS client settings: the system's trusted roots (or those of
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR`), http/1.1.
-async fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+async fn tls_config() -> Result<Arc<rustls::ClientConfig>, DownloadError> {
     tokio::task::spawn_blocking(|| {
         let found = rustls_native_certs::load_native_certs();
         let mut roots = rustls::RootCertStore::empty();
         let (added, _) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
             let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
-            return Err(format!(
-                "No trusted root certificates on this host ({}); install the CA certificates \
-                 or point SSL_CERT_FILE at them",
-                errors.join("; ")
-            ));
+            return Err(DownloadError::NoRoots(errors.join("; ")));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(DownloadError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     })
     .await
-    .map_err(|e| format!("TLS: {e}"))?
+    .map_err(|e| DownloadError::TlsSetup(e.to_string()))?
 }
 
 /// The HTTP exchange of one download, over a connected stream.
@@ -562,7 +743,7 @@ struct Fetch<'a> {
 }
 
 impl Fetch<'_> {
-    async fn over<S>(&self, stream: S) -> Result<(u64, String), String>
+    async fn over<S>(&self, stream: S) -> Result<(u64, String), DownloadError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -574,7 +755,10 @@ impl Fetch<'_> {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)),
             )
             .await?
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|source| DownloadError::Http {
+                url: url.into(),
+                source,
+            })?;
         let _conn = AbortOnDrop(
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -585,12 +769,18 @@ impl Fetch<'_> {
             .header(hyper::header::HOST, self.parsed.authority())
             .header(hyper::header::USER_AGENT, "keeld")
             .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|source| DownloadError::Request {
+                url: url.into(),
+                source,
+            })?;
         let mut response = self
             .waits
             .on("waiting for the response", sender.send_request(request))
             .await?
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|source| DownloadError::Http {
+                url: url.into(),
+                source,
+            })?;
         let status = response.status();
         if status.is_redirection() {
             let location = response
@@ -598,13 +788,17 @@ impl Fetch<'_> {
                 .get(hyper::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("(no Location given)");
-            return Err(format!(
-                "{url}: the server redirects ({status}) to {location}; keeld does not follow \
-                 redirects: import from that URL instead"
-            ));
+            return Err(DownloadError::Redirect {
+                url: url.into(),
+                status,
+                location: location.into(),
+            });
         }
         if !status.is_success() {
-            return Err(format!("{url}: the server answered {status}"));
+            return Err(DownloadError::Status {
+                url: url.into(),
+                status,
+            });
         }
         let total = response
             .headers()
@@ -620,10 +814,13 @@ impl Fetch<'_> {
         }
         let mut sink = Sink::create(self.to, total)
             .await
-            .map_err(|e| keel_api::error_chain(&e))?;
+            .map_err(|e| DownloadError::Write(Box::new(e)))?;
         let body = response.body_mut();
         while let Some(frame) = self.waits.on("reading the data", body.frame()).await? {
-            let frame = frame.map_err(|e| format!("{url}: the download failed: {e}"))?;
+            let frame = frame.map_err(|source| DownloadError::Body {
+                url: url.into(),
+                source,
+            })?;
             let Some(chunk) = frame.data_ref() else {
                 continue;
             };
@@ -631,9 +828,10 @@ impl Fetch<'_> {
             if let Some(total) = total
                 && after > total
             {
-                return Err(format!(
-                    "{url}: the server sent more than the {total} bytes it declared"
-                ));
+                return Err(DownloadError::TooMuch {
+                    url: url.into(),
+                    total,
+                });
             }
             if after > next_check {
                 match total {
@@ -650,17 +848,20 @@ impl Fetch<'_> {
             }
             sink.write(chunk, self.keel, self.id, Some(self.op))
                 .await
-                .map_err(|e| keel_api::error_chain(&e))?;
+                .map_err(|e| DownloadError::Write(Box::new(e)))?;
         }
         if let Some(total) = total
             && sink.written != total
         {
-            return Err(format!(
-                "{url}: the download was cut short ({} of {total} bytes)",
-                sink.written
-            ));
+            return Err(DownloadError::Short {
+                url: url.into(),
+                got: sink.written,
+                total,
+            });
         }
-        sink.finish().await.map_err(|e| keel_api::error_chain(&e))
+        sink.finish()
+            .await
+            .map_err(|e| DownloadError::Write(Box::new(e)))
     }
 
     /// Records that the import will take `bytes`.
@@ -673,7 +874,7 @@ impl Fetch<'_> {
 
     /// Whether an image of `size` bytes fits the project's quota, with
     /// `to_come` of them still to be written on the host's file system.
-    fn room(&self, size: u64, to_come: u64) -> Result<(), String> {
+    fn room(&self, size: u64, to_come: u64) -> Result<(), DownloadError> {
         let checked = match crate::quota::check_image(self.keel, self.project, self.id, size) {
             // The quota allows it; what is written already takes space.
             Err(QuotaError::NoSpace { .. }) if to_come < size => {
@@ -681,7 +882,10 @@ impl Fetch<'_> {
             }
             other => other,
         };
-        checked.map_err(|e| format!("{}: {e}", self.url))
+        checked.map_err(|source| DownloadError::Room {
+            url: self.url.into(),
+            source,
+        })
     }
 }
 
@@ -771,6 +975,7 @@ mod tests {
             "127.0.0.1/8"
                 .parse::<Cidr>()
                 .unwrap_err()
+                .to_string()
                 .contains("127.0.0.0/8")
         );
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
@@ -804,7 +1009,7 @@ mod tests {
             "::ffff:192.0.2.7",
             "2001:db8::7",
         ] {
-            let e = check_address(ip(bad), &[], &own).unwrap_err();
+            let e = check_address(ip(bad), &[], &own).unwrap_err().to_string();
             assert!(e.contains("--url-import-allow"), "{bad}: {e}");
         }
         for good in [
@@ -824,9 +1029,13 @@ mod tests {
         assert!(check_address(ip("fe80::1"), &allow, &own).is_ok());
         assert!(check_address(ip("::1"), &allow, &own).is_err());
         assert!(check_address(ip("169.254.169.254"), &allow, &own).is_err());
-        let e = check_address(ip("169.254.169.254"), &[], &own).unwrap_err();
+        let e = check_address(ip("169.254.169.254"), &[], &own)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a link-local address"), "{e}");
-        let e = check_address(ip("192.0.2.7"), &[], &own).unwrap_err();
+        let e = check_address(ip("192.0.2.7"), &[], &own)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("this node's own"), "{e}");
     }
 

@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 mod download;
 
-pub use download::{Cidr, HttpUrl, Scheme, cancel as cancel_download, check_url, parse_http_url};
+pub use download::{
+    AddressDenied, Cidr, CidrError, DownloadError, HttpUrl, Scheme, cancel as cancel_download,
+    check_url, parse_http_url,
+};
 
 use futures_util::{Stream, StreamExt};
 use hyper::body::Bytes;
@@ -74,9 +77,8 @@ pub enum ImportError {
         #[source]
         source: std::io::Error,
     },
-    /// What went wrong with a URL import (download.rs words it whole).
-    #[error("{0}")]
-    Download(String),
+    #[error(transparent)]
+    Download(#[from] download::DownloadError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -212,7 +214,7 @@ pub async fn import(
         Source::File(file) => copy_file(&keel, &id, file, &partial, &op).await,
         Source::Url(url) => download::download(&keel, &id, &url, &partial, &op)
             .await
-            .map_err(ImportError::Download),
+            .map_err(ImportError::from),
     };
     let result = match copied {
         Ok((size, sha)) => finish(&keel, &id, size, &sha, expected_sha256.as_deref()).await,

@@ -96,7 +96,7 @@ pub async fn create(
         (None, Some(u), false) => {
             images::check_url(&keel, u)
                 .await
-                .map_err(ApiError::bad_request)?;
+                .map_err(|e| ApiError::bad_request(keel_api::error_chain(&e)))?;
             Some(Source::Url(u.clone()))
         }
         (None, None, true) => None,
