@@ -689,6 +689,7 @@ impl NodeAgent for LocalAgent {
     }
 
     fn remove_vm_files(&self, vm: &str) {
+        super::serial_log::forget(&self.files(vm));
         let _ = std::fs::remove_dir_all(self.paths.vm_dir(vm));
         lock(&self.vms).remove(vm);
         lock(&self.removed).remove(vm);

@@ -31,6 +31,14 @@ fn base(files: &VmFiles, bases: &HashMap<PathBuf, u64>) -> u64 {
     bases.get(&files.dir).copied().unwrap_or(0)
 }
 
+/// Forgets a VM dir that is being removed.
+pub fn forget(files: &VmFiles) {
+    BASES
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&files.dir);
+}
+
 /// Rotates `serial.log` when it is over `max` bytes. Returns whether it
 /// rotated.
 pub fn rotate(files: &VmFiles, max: u64) -> std::io::Result<bool> {

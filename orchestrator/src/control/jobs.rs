@@ -130,12 +130,7 @@ pub fn repair(keel: &Keel) {
             vm.name,
             vm.id
         );
-        for disk in std::iter::once(&vm.system_disk).chain(&vm.disks) {
-            keel.agent.remove_disk(disk);
-            let _ = keel.disks.remove(disk);
-        }
-        keel.agent.remove_vm_files(&vm.id);
-        let _ = keel.vms.remove(&vm.id);
+        vms::discard(keel, &vm);
     }
     for disk in keel.disks.filter(|_| true) {
         let owner_gone = disk

@@ -81,6 +81,9 @@ pub fn pass(keel: &Arc<Keel>) {
         let vm = observe(keel, vm, &seen);
         act(keel, &vm, &seen);
     }
+    // What is kept per VM goes with the VM.
+    lock(&keel.reconciler.applied).retain(|id, _| known.contains(id.as_str()));
+    lock(&keel.reconciler.restart_at).retain(|id, _| known.contains(id.as_str()));
     for seen in keel.agent.observed_all() {
         if seen.has_vmm() && !known.contains(seen.vm.as_str()) && keel.reconciler.claim(&seen.vm) {
             log::warn!("VM {}: stopping a keel-vmm no VM record wants", seen.vm);

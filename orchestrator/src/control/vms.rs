@@ -305,8 +305,33 @@ pub fn hot_resizable(vm: &Vm, seen: &VmObserved, vcpus: u8, memory_mib: u64) -> 
 /// Writes the VM's cloud-init seed on its node (before its disks: the
 /// root password is never stored, so the seed is made while the request
 /// holds it).
-pub async fn write_seed(keel: &Keel, id: &str, seed: SeedSpec) -> Result<(), VmError> {
-    Ok(keel.agent.write_seed(id.to_string(), seed).await?)
+pub async fn write_seed(
+    keel: &Keel,
+    vm: &Vm,
+    root_password: Option<String>,
+) -> Result<(), VmError> {
+    let seed = SeedSpec {
+        hostname: vm
+            .guest_init
+            .hostname
+            .clone()
+            .unwrap_or_else(|| vm.name.clone()),
+        root_password,
+        ssh_authorized_keys: vm.guest_init.ssh_authorized_keys.clone(),
+    };
+    Ok(keel.agent.write_seed(vm.id.clone(), seed).await?)
+}
+
+/// Removes a VM whose create was never answered: its records first, then
+/// its disks and files (a file left by a crash in between is removed at
+/// the next start).
+pub fn discard(keel: &Keel, vm: &Vm) {
+    for disk in std::iter::once(&vm.system_disk).chain(&vm.disks) {
+        let _ = keel.disks.remove(disk);
+        keel.agent.remove_disk(disk);
+    }
+    let _ = keel.vms.remove(&vm.id);
+    keel.agent.remove_vm_files(&vm.id);
 }
 
 /// Makes a new VM's disks (the system disk a thin copy of its image,

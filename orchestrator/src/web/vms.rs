@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use keel_api::agent::SeedSpec;
 use keel_api::keeld::{
     Accepted, Batch, BatchResult, BatchResults, CreateVm, Keyed, MakeImage, Page, ResizeMode,
     ResizeVm, ResizedVm, UpdateVm,
@@ -327,15 +326,6 @@ pub async fn create(
         restarts: 0,
         created_at: now(),
     };
-    let seed = SeedSpec {
-        hostname: vm
-            .guest_init
-            .hostname
-            .clone()
-            .unwrap_or_else(|| vm.name.clone()),
-        root_password: req.root_password,
-        ssh_authorized_keys: vm.guest_init.ssh_authorized_keys.clone(),
-    };
     // The records first, then the seed (the password lives only there),
     // then the operation: a crash before it leaves records that a
     // restarted keeld removes (the request was never answered).
@@ -344,8 +334,8 @@ pub async fn create(
         keel.disks.insert(d)?;
     }
     let vm = keel.vms.insert(vm)?;
-    if let Err(e) = vms::write_seed(&keel, &vm_id, seed).await {
-        crate::control::jobs::repair(&keel);
+    if let Err(e) = vms::write_seed(&keel, &vm, req.root_password).await {
+        vms::discard(&keel, &vm);
         return Err(ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("{e}; nothing was created"),
